@@ -1,0 +1,236 @@
+"""``auditpipe dev``: the whole pipeline on one machine, driven by real OpenAI-client traffic.
+
+Order of start: broker (embedded unless ``kafka.bootstrap`` is set) and topics, a processor
+worker (a child process), the sink runner, the demo server with the producer hook, then
+traffic. Event JSON lines go to stdout (stdout sink); progress and the summary go to stderr.
+Shutdown runs in reverse and is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .broker import free_port, kafka_bootstrap, popen_child
+from .kafka import ensure_topics
+from .settings import Settings
+
+
+@dataclass
+class DevOptions:
+    sink: str = "stdout"
+    requests: int | None = None
+    timeout_secs: float = 120.0
+    concurrency: int = 4
+    port: int | None = None
+    rate_per_sec: float = 2.0
+    config_path: str | None = None
+    origin: str = "settings"
+
+
+def progress(message: str) -> None:
+    print(f"[auditpipe dev] {message}", file=sys.stderr, flush=True)
+
+
+def _with_bootstrap(settings: Settings, bootstrap: str) -> Settings:
+    kafka = settings.kafka.model_copy(update={"bootstrap": bootstrap})
+    return settings.model_copy(update={"kafka": kafka})
+
+
+def spawn_processor(bootstrap: str, config_path: str | None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "AUDITPIPE_KAFKA_BOOTSTRAP": bootstrap}
+    cmd = [sys.executable, "-m", "auditpipe", "process", "--loglevel", "warning"]
+    if config_path:
+        cmd += ["--config", config_path]
+    return popen_child(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr, env=env)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_secs: float = 10.0) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_secs)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+async def run_dev(settings: Settings, options: DevOptions) -> int:
+    from auditpipe.sinks import create_sink
+
+    sink = create_sink(options.sink, settings.sinks, options.origin)  # fail fast on bad config
+    started = time.monotonic()
+    with kafka_bootstrap(settings.kafka.bootstrap) as (bootstrap, broker):
+        settings = _with_bootstrap(settings, bootstrap)
+        await ensure_topics(settings.kafka)
+        where = "embedded broker" if broker else "Kafka"
+        progress(f"{where} at {bootstrap}; topics ready ({time.monotonic() - started:.1f}s)")
+        worker = spawn_processor(bootstrap, options.config_path)
+        try:
+            return await _run_with_worker(settings, options, sink, worker, started)
+        finally:
+            code = stop_process(worker)
+            if code not in (0, -signal.SIGTERM, None):
+                progress(f"processor worker exited with code {code}")
+
+
+async def _run_with_worker(
+    settings: Settings,
+    options: DevOptions,
+    sink: Any,
+    worker: subprocess.Popen[bytes],
+    started: float,
+) -> int:
+    import uvicorn
+
+    from auditpipe.producer import AuditMiddleware, AuditProducer
+    from auditpipe.sinks.runner import SinkRunner
+
+    from .demo import create_demo_app
+
+    delivered: Counter[str] = Counter()
+
+    def on_written(batch: Sequence[dict[str, Any]]) -> None:
+        for event in batch:
+            delivered[event["request_id"]] += 1
+
+    runner = SinkRunner(sink, settings, on_written=on_written)
+    runner_task = asyncio.create_task(runner.run(), name="sink-runner")
+    producer = AuditProducer(settings).start()
+    port = options.port or free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            AuditMiddleware(create_demo_app(), producer),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+    server_task = asyncio.create_task(server.serve(), name="demo-server")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not server.started:
+            if server_task.done():
+                server_task.result()
+                raise RuntimeError("demo server exited during start-up")
+            await asyncio.sleep(0.01)
+        progress(f"demo server on http://127.0.0.1:{port}/v1 with the audit hook; sink {sink.name}")
+        sent = await _traffic(port, options, stop)
+        if options.requests is None:
+            return 130 if stop.is_set() else 0
+        ok = await _wait_delivered(sent, delivered, options, worker, runner_task, stop)
+        elapsed = time.monotonic() - started
+        stats = producer.stats()
+        missing = [rid for rid in sent if delivered[rid] == 0]
+        progress(
+            f"summary: sent={len(sent)} captured={stats['emitted']} "
+            f"produced={stats['sent']} delivered={len(sent) - len(missing)} "
+            f"duplicates={sum(delivered.values()) - len(delivered)} time={elapsed:.1f}s"
+        )
+        if ok:
+            return 0
+        progress(f"FAILED: {len(missing)} of {len(sent)} events did not reach the sink")
+        progress(f"  producer: {stats}")
+        progress(f"  sink runner: {runner.snapshot()}")
+        if worker.poll() is not None:
+            progress(f"  the processor worker exited with code {worker.returncode}")
+        return 1
+    finally:
+        await producer.astop()
+        runner.stop()
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(runner_task, 15)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server_task, 5)
+
+
+async def _traffic(port: int, options: DevOptions, stop: asyncio.Event) -> list[str]:
+    """Send requests with the official openai client; return the request ids that succeeded."""
+    import openai
+
+    client = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-demo-not-a-secret", max_retries=2
+    )
+    run_id = uuid.uuid4().hex[:8]
+    sent: list[str] = []
+    failures = 0
+    sem = asyncio.Semaphore(max(1, options.concurrency))
+
+    async def one(i: int) -> None:
+        nonlocal failures
+        rid = f"dev-{run_id}-{i:06d}"
+        async with sem:
+            try:
+                await client.chat.completions.create(
+                    model="demo-echo-1",
+                    messages=[
+                        {"role": "system", "content": "You are a demo."},
+                        {"role": "user", "content": f"Hello number {i}, what is {i} + {i}?"},
+                    ],
+                    store=True,
+                    metadata={"source": "auditpipe-dev", "run": run_id, "seq": str(i)},
+                    extra_headers={"x-request-id": rid},
+                )
+                sent.append(rid)
+            except openai.OpenAIError as exc:
+                failures += 1
+                progress(f"request {rid} failed: {exc}")
+
+    try:
+        if options.requests is not None:
+            await asyncio.gather(*(one(i) for i in range(options.requests)))
+            progress(f"sent {len(sent)} request(s), {failures} failed")
+        else:
+            progress(f"sending {options.rate_per_sec:g} request(s)/s until Ctrl-C")
+            i = 0
+            interval = 1.0 / max(options.rate_per_sec, 0.001)
+            while not stop.is_set():
+                await one(i)
+                i += 1
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+    finally:
+        await client.close()
+    return sent
+
+
+async def _wait_delivered(
+    sent: list[str],
+    delivered: Counter[str],
+    options: DevOptions,
+    worker: subprocess.Popen[bytes],
+    runner_task: asyncio.Task[None],
+    stop: asyncio.Event,
+) -> bool:
+    deadline = time.monotonic() + options.timeout_secs
+    last_report = 0.0
+    while time.monotonic() < deadline and not stop.is_set():
+        done = sum(1 for rid in sent if delivered[rid])
+        if done == len(sent):
+            return True
+        if worker.poll() is not None or runner_task.done():
+            if runner_task.done() and runner_task.exception():
+                progress(f"sink runner failed: {runner_task.exception()!r}")
+            return False
+        now = time.monotonic()
+        if now - last_report >= 2.0:
+            progress(f"delivered {done}/{len(sent)}")
+            last_report = now
+        await asyncio.sleep(0.05)
+    return False

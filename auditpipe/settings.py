@@ -1,0 +1,168 @@
+"""Settings shared by every part: one TOML file, overridden by environment variables.
+
+File layout (every table optional; unknown keys are rejected)::
+
+    [kafka]      bootstrap, topics, partitions           -> KafkaSettings
+    [producer]   queue, batching, compression             -> ProducerSettings
+    [processors] Faust worker                             -> ProcessorSettings
+    [runner]     sink runner batching                     -> RunnerSettings
+    [source]     service / instance names put on events  -> SourceSettings
+    [sinks.NAME] the settings of sink NAME (validated by that sink's own model)
+
+Environment: ``AUDITPIPE_<TABLE>_<KEY>`` overrides ``[table] key``; for example
+``AUDITPIPE_KAFKA_BOOTSTRAP=host:9092`` sets ``[kafka] bootstrap``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+ENV_PREFIX = "AUDITPIPE_"
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaSettings(StrictModel):
+    bootstrap: str | None = Field(
+        None, description="host:port[,host:port]; unset means the embedded broker (`auditpipe dev`)"
+    )
+    raw_topic: str = "auditpipe.raw"
+    events_topic: str = "auditpipe.events"
+    dlq_topic: str = "auditpipe.dlq"
+    partitions: int = Field(3, ge=1, description="partitions of the topics auditpipe creates")
+    replication_factor: int = Field(1, ge=1)
+    client_id: str = "auditpipe"
+    request_timeout_ms: int = Field(30_000, ge=1000)
+
+
+class ProducerSettings(StrictModel):
+    queue_max_events: int = Field(10_000, ge=1, description="bounded queue in front of the sender")
+    linger_ms: int = Field(5, ge=0)
+    max_batch_bytes: int = Field(1_048_576, ge=1024)
+    compression: Literal["gzip", "none", "snappy", "lz4", "zstd"] = "gzip"
+    enable_idempotence: bool = True
+    stop_timeout_secs: float = Field(10.0, gt=0, description="how long stop() flushes at most")
+
+
+class ProcessorSettings(StrictModel):
+    app_id: str = "auditpipe-processors"
+    session_timeout_secs: float = Field(
+        10.0,
+        gt=0,
+        description="consumer-group session timeout; also bounds the first join on Tansu",
+    )
+    heartbeat_interval_secs: float = Field(1.0, gt=0)
+    web_port: int | None = Field(None, description="Faust web server port; None disables it")
+    data_dir: str | None = Field(None, description="Faust table state directory (default: temp)")
+
+
+class RunnerSettings(StrictModel):
+    group_prefix: str = "auditpipe-sink-"
+    max_events: int = Field(500, ge=1)
+    max_wait_secs: float = Field(0.2, ge=0)
+    session_timeout_secs: float = Field(10.0, gt=0)
+
+
+class SourceSettings(StrictModel):
+    service: str | None = None
+    instance: str | None = Field(default_factory=socket.gethostname)
+
+
+class Settings(StrictModel):
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    producer: ProducerSettings = Field(default_factory=ProducerSettings)
+    processors: ProcessorSettings = Field(default_factory=ProcessorSettings)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    source: SourceSettings = Field(default_factory=SourceSettings)
+    sinks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+_TABLES = ("kafka", "producer", "processors", "runner", "source")
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read ``path`` (TOML), apply ``AUDITPIPE_<TABLE>_<KEY>`` overrides, validate.
+
+    Raises :class:`ConfigError` naming the file, key and what is allowed.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    origin = "settings"
+    if path is not None:
+        origin = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such settings file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        table, _, key = rest.partition("_")
+        if table in _TABLES and key:
+            section = data.setdefault(table, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{origin}: [{table}] must be a table")
+            section[key] = value
+    return validate_model(Settings, data, origin)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_model(model: type[M], data: Any, origin: str, prefix: str = "") -> M:
+    """``model.model_validate(data)`` with errors rewritten as one readable ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, origin, prefix)) from None
+
+
+def format_validation_error(
+    exc: ValidationError, model: type[BaseModel], origin: str, prefix: str = ""
+) -> str:
+    lines = [f"{origin}: invalid settings"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *err["loc"]))
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, err["loc"][:-1])
+            hint = f"unknown key; allowed: {', '.join(allowed)}" if allowed else "unknown key"
+            lines.append(f"  {loc}: {hint}")
+        else:
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def settings_path_from_env(env: Mapping[str, str] | None = None) -> Path | None:
+    env = os.environ if env is None else env
+    value = env.get("AUDITPIPE_CONFIG")
+    return Path(value) if value else None

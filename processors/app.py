@@ -1,0 +1,104 @@
+"""The Faust app that runs the processor steps between ``auditpipe.raw`` and ``auditpipe.events``.
+
+``create_app(settings)`` builds a fresh app (no module-level app: tests build many). The agent
+takes records in small batches and, for each batch, waits until every outcome was acknowledged
+by Kafka (forwarded or dead-lettered) before it returns and Faust acks the batch; a failed send
+is retried with backoff, so no record is acknowledged before it went somewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import tempfile
+from typing import Any
+
+import faust
+
+from auditpipe.kafka import require_bootstrap
+from auditpipe.settings import Settings
+
+from .pipeline import Outcome, process_record
+from .steps import DEFAULT_STEPS
+
+log = logging.getLogger("auditpipe.processors")
+
+BATCH_MAX_EVENTS = 500
+BATCH_WITHIN_SECS = 0.05
+
+
+def create_app(settings: Settings, **overrides: Any) -> faust.App:
+    kafka = settings.kafka
+    proc = settings.processors
+    bootstrap = require_bootstrap(kafka)
+    options: dict[str, Any] = {
+        "broker": ",".join(f"kafka://{b.strip()}" for b in bootstrap.split(",")),
+        "value_serializer": "raw",
+        "key_serializer": "raw",
+        "topic_partitions": kafka.partitions,
+        "topic_replication_factor": kafka.replication_factor,
+        "producer_acks": -1,
+        "producer_compression_type": "gzip",
+        "broker_session_timeout": proc.session_timeout_secs,
+        "broker_heartbeat_interval": proc.heartbeat_interval_secs,
+        "web_enabled": proc.web_port is not None,
+        "web_port": proc.web_port or 6066,
+        "datadir": proc.data_dir or tempfile.mkdtemp(prefix="auditpipe-faust-"),
+        "consumer_auto_offset_reset": "earliest",
+    }
+    options.update(overrides)
+    app = faust.App(proc.app_id, **options)
+
+    raw = app.topic(kafka.raw_topic, value_type=bytes, key_type=bytes)
+    events = app.topic(kafka.events_topic, value_type=bytes, key_type=bytes)
+    dlq = app.topic(kafka.dlq_topic, value_type=bytes, key_type=bytes)
+    steps = DEFAULT_STEPS
+
+    async def deliver(outcomes: list[Outcome]) -> None:
+        pending = [o for o in outcomes if o.kind != "drop"]
+        backoff = 0.1
+        while pending:
+            futures = []
+            for o in pending:
+                target = events if o.kind == "forward" else dlq
+                futures.append(await target.send(key=o.key, value=o.value, headers=o.headers))
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            failed = [
+                o for o, r in zip(pending, results, strict=True) if isinstance(r, BaseException)
+            ]
+            if failed:
+                log.warning("%d record(s) not acknowledged by Kafka; retrying", len(failed))
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+            pending = failed
+
+    @app.agent(raw, name="auditpipe.process")
+    async def process(stream: faust.StreamT[bytes]) -> None:
+        async for batch in stream.take_events(  # type: ignore[attr-defined]
+            BATCH_MAX_EVENTS, within=BATCH_WITHIN_SECS
+        ):
+            outcomes = []
+            for event in batch:
+                msg = event.message
+                outcomes.append(
+                    process_record(
+                        msg.key,
+                        msg.value,
+                        topic=msg.topic,
+                        partition=msg.partition,
+                        offset=msg.offset,
+                        steps=steps,
+                    )
+                )
+            await deliver(outcomes)
+
+    return app
+
+
+def run_worker(settings: Settings, loglevel: str = "warning") -> None:
+    """Run a processor worker in the foreground until SIGINT/SIGTERM."""
+    from faust.worker import Worker
+
+    app = create_app(settings)
+    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()

@@ -1,0 +1,259 @@
+"""The AuditEvent codec: Confluent-framed Avro for Kafka, the JSON rendering for people.
+
+In Python an event is a plain ``dict`` in the *JSON rendering*: the Avro record's fields, with
+``input`` and ``output`` as JSON values (objects) rather than JSON text. Processor steps and
+sinks work on that dict; only the codec sees Avro.
+
+Wire format on Kafka (Confluent framing)::
+
+    byte 0      magic byte, always 0
+    bytes 1-4   schema id, big-endian unsigned (ids are fixed in registry.json)
+    bytes 5-    Avro binary body, written with that schema
+
+Every way bytes can fail to be an event raises :class:`DecodeError`, whose message says why.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import time
+from functools import cache, lru_cache
+from importlib import resources
+from typing import Any, cast
+
+import fastavro
+import fastavro.validation
+import orjson
+
+from auditpipe.errors import AuditpipeError
+
+from .ids import new_event_id
+
+MAGIC = 0
+_HEADER = struct.Struct(">bI")
+
+Event = dict[str, Any]
+
+
+class DecodeError(AuditpipeError):
+    """Bytes that are not a decodable AuditEvent. ``reason`` is a short machine-readable tag."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class EventValidationError(AuditpipeError):
+    """An event dict that does not match the AuditEvent schema (the message names the field)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry (file based; ids fixed in registry.json)
+
+
+@lru_cache(maxsize=1)
+def _manifest() -> dict[str, Any]:
+    text = resources.files(__package__).joinpath("registry.json").read_text("utf-8")
+    manifest: dict[str, Any] = json.loads(text)
+    return manifest
+
+
+@cache
+def schema_by_id(schema_id: int) -> dict[str, Any]:
+    """The parsed schema registered under ``schema_id`` (parsed once, then cached)."""
+    for entry in _manifest()["versions"]:
+        if entry["id"] == schema_id:
+            text = resources.files(__package__).joinpath(entry["file"]).read_text("utf-8")
+            parsed = fastavro.parse_schema(json.loads(text))
+            return cast(dict[str, Any], parsed)
+    raise KeyError(schema_id)
+
+
+def latest_schema_id() -> int:
+    return int(max(_manifest()["versions"], key=lambda e: e["version"])["id"])
+
+
+def known_schema_ids() -> list[int]:
+    return [int(e["id"]) for e in _manifest()["versions"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and validating events
+
+
+def _field_defaults(schema_id: int) -> list[tuple[str, Any, bool]]:
+    """(name, default, has_default) per field, in schema order."""
+    out = []
+    for f in schema_by_id(schema_id)["fields"]:
+        out.append((f["name"], f.get("default"), "default" in f))
+    return out
+
+
+def new_event(**fields: Any) -> Event:
+    """A complete event: ``fields`` plus a fresh ``event_id``, ``ts_ms`` now, defaults elsewhere.
+
+    ``request_id`` defaults to the event id and ``endpoint`` to ``""`` so that a minimal call
+    yields a valid event. Unknown field names raise :class:`EventValidationError`.
+    """
+    event: Event = {}
+    known = set()
+    for name, default, has_default in _field_defaults(latest_schema_id()):
+        known.add(name)
+        if name in fields:
+            event[name] = fields[name]
+        elif has_default:
+            event[name] = _copy_default(default)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise EventValidationError(f"unknown AuditEvent field(s): {', '.join(unknown)}")
+    event.setdefault("event_id", new_event_id())
+    event.setdefault("ts_ms", time.time_ns() // 1_000_000)
+    event.setdefault("request_id", event["event_id"])
+    event.setdefault("endpoint", "")
+    return event
+
+
+def _copy_default(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy_default(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_default(v) for v in value]
+    return value
+
+
+def _to_avro_record(event: Event) -> dict[str, Any]:
+    record = dict(event)
+    for key in ("input", "output"):
+        value = record.get(key)
+        if value is not None:
+            try:
+                record[key] = orjson.dumps(value).decode()
+            except TypeError as exc:
+                raise EventValidationError(
+                    f"AuditEvent.{key}: not JSON-serialisable: {exc}"
+                ) from exc
+    return record
+
+
+def validate(event: Event, schema_id: int | None = None) -> None:
+    """Raise :class:`EventValidationError` naming the first field that does not fit the schema."""
+    schema = schema_by_id(schema_id or latest_schema_id())
+    try:
+        fastavro.validation.validate(_to_avro_record(event), schema, raise_errors=True)
+    except fastavro.validation.ValidationError as exc:
+        raise EventValidationError(f"invalid AuditEvent: {_describe_validation(exc)}") from exc
+
+
+def _describe_validation(exc: fastavro.validation.ValidationError) -> str:
+    try:
+        errors = exc.errors  # list of ValidationErrorData(datum, schema, field)
+        parts = [f"{e.field or 'AuditEvent'}: {e.datum!r} is not {e.schema}" for e in errors]
+        return "; ".join(parts)
+    except Exception:  # pragma: no cover - formatting only
+        return str(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Avro with the Confluent framing
+
+
+def encode(event: Event, schema_id: int | None = None) -> bytes:
+    """Frame and encode ``event``. Raises :class:`EventValidationError` when it does not fit."""
+    sid = schema_id or latest_schema_id()
+    schema = schema_by_id(sid)
+    buf = io.BytesIO()
+    buf.write(_HEADER.pack(MAGIC, sid))
+    try:
+        fastavro.schemaless_writer(buf, schema, _to_avro_record(event))
+    except EventValidationError:
+        raise
+    except Exception as exc:  # fastavro raises TypeError/ValueError/KeyError/AttributeError
+        validate(event, sid)  # names the field when it can
+        raise EventValidationError(f"invalid AuditEvent: {type(exc).__name__}: {exc}") from exc
+    return buf.getvalue()
+
+
+def decode(
+    data: bytes | bytearray | memoryview | None, reader_schema_id: int | None = None
+) -> Event:
+    """Decode framed Avro into an event dict (JSON rendering). Raises :class:`DecodeError`."""
+    if data is None:
+        raise DecodeError("no value: the record is a tombstone (null value)", "empty")
+    data = bytes(data)
+    if len(data) < _HEADER.size:
+        raise DecodeError(
+            f"{len(data)} byte(s) is shorter than the 5-byte Confluent header", "truncated"
+        )
+    magic, schema_id = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        hint = " (it looks like JSON text)" if data[:1] in (b"{", b"[") else ""
+        raise DecodeError(
+            f"magic byte is {data[0]:#04x}, expected 0x00: not Confluent-framed Avro{hint}",
+            "bad_magic",
+        )
+    try:
+        writer = schema_by_id(schema_id)
+    except KeyError:
+        raise DecodeError(
+            f"unknown schema id {schema_id} (known: {known_schema_ids()})", "unknown_schema"
+        ) from None
+    reader = schema_by_id(reader_schema_id or latest_schema_id())
+    body = io.BytesIO(data)
+    body.seek(_HEADER.size)
+    try:
+        record = fastavro.schemaless_reader(body, writer, reader if reader is not writer else None)
+    except Exception as exc:
+        raise DecodeError(
+            f"Avro body does not decode with schema id {schema_id}: {type(exc).__name__}: {exc}",
+            "bad_body",
+        ) from exc
+    if body.tell() != len(data):
+        raise DecodeError(
+            f"{len(data) - body.tell()} trailing byte(s) after the Avro body "
+            f"(schema id {schema_id})",
+            "bad_body",
+        )
+    if not isinstance(record, dict):  # pragma: no cover - the schema is a record
+        raise DecodeError("Avro body is not a record", "bad_body")
+    for key in ("input", "output"):
+        text = record.get(key)
+        if text is not None:
+            try:
+                record[key] = orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                raise DecodeError(
+                    f"AuditEvent.{key} is not valid JSON text: {exc}", "bad_json"
+                ) from exc
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON rendering
+
+
+def to_json(event: Event) -> bytes:
+    """The JSON rendering as one line of UTF-8 (no trailing newline)."""
+    return orjson.dumps(event)
+
+
+def from_json(line: bytes | str) -> Event:
+    """Parse one JSON-rendered event and validate it. Raises :class:`DecodeError`."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}", "bad_json") from exc
+    if not isinstance(value, dict):
+        raise DecodeError(f"expected a JSON object, got {type(value).__name__}", "bad_json")
+    event = new_event(**{k: v for k, v in value.items() if k in _known_fields()})
+    try:
+        validate(event)
+    except EventValidationError as exc:
+        raise DecodeError(str(exc), "invalid") from exc
+    return event
+
+
+@lru_cache(maxsize=1)
+def _known_fields() -> frozenset[str]:
+    return frozenset(name for name, _, _ in _field_defaults(latest_schema_id()))

@@ -1,0 +1,96 @@
+"""The sink contract and the sink registry.
+
+A sink is a noun: a small class with a pydantic ``Config`` (unknown keys rejected) and three
+coroutines. The runner (``runner.py``) owns everything else: consuming, batching, retries,
+commits, dead letters and shutdown.
+
+- ``start()``: open connections; raise to refuse to start (bad config, unreachable store).
+- ``write(batch)``: when it returns, every event in ``batch`` is durably stored. Otherwise it
+  raises :class:`RetriableSinkError` (the runner backs off and retries the same batch) or
+  :class:`PermanentSinkError` (the runner isolates the offending events and dead-letters them).
+  Any other exception is treated as retriable. Writes must be idempotent by ``event_id``:
+  after a crash the runner redelivers events whose offsets were not committed.
+- ``stop()``: flush and close; safe without ``start()`` and safe twice.
+
+Sinks are found through the ``auditpipe.sinks`` entry point group, so a third-party package
+adds one by declaring ``[project.entry-points."auditpipe.sinks"] NAME = "pkg.mod:Class"``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from auditpipe.schemas import Event
+
+from auditpipe.errors import AuditpipeError, ConfigError
+from auditpipe.settings import StrictModel, validate_model
+
+ENTRY_POINT_GROUP = "auditpipe.sinks"
+
+
+class SinkError(AuditpipeError):
+    """Base of the errors a sink's ``write`` may raise."""
+
+
+class RetriableSinkError(SinkError):
+    """The store is unavailable or slow; the same batch may succeed later."""
+
+
+class PermanentSinkError(SinkError):
+    """The store rejects the data itself; retrying cannot help."""
+
+
+class Sink(ABC):
+    """Base class of every sink. Subclasses set ``name`` and ``Config``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StrictModel]] = StrictModel
+
+    def __init__(self, config: StrictModel | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None, origin: str = "settings") -> Sink:
+        config = validate_model(cls.Config, dict(data or {}), origin, prefix=f"sinks.{cls.name}")
+        return cls(config)
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections. Default: nothing to do."""
+
+    @abstractmethod
+    async def write(self, batch: Sequence[Event]) -> None:
+        """Store ``batch`` durably, or raise RetriableSinkError / PermanentSinkError."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Flush and close. Default: nothing to do."""
+
+
+def available_sinks() -> dict[str, str]:
+    """Installed sink names mapped to their ``module:Class`` (without importing them)."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_sink_class(name: str) -> type[Sink]:
+    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not matches:
+        names = ", ".join(sorted(available_sinks())) or "none"
+        raise ConfigError(f"unknown sink {name!r}; installed sinks: {names}")
+    try:
+        cls = matches[0].load()
+    except ImportError as exc:
+        raise ConfigError(
+            f"sink {name!r} cannot be loaded ({exc}); install its extra: "
+            f"pip install 'auditpipe[{name}]'"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, Sink)):
+        raise ConfigError(f"entry point {name!r} is not an auditpipe.sinks.Sink subclass")
+    return cls
+
+
+def create_sink(name: str, sink_settings: Mapping[str, Mapping[str, Any]], origin: str) -> Sink:
+    """Instantiate sink ``name`` with its ``[sinks.NAME]`` table from the settings."""
+    cls = load_sink_class(name)
+    return cls.from_mapping(sink_settings.get(name), origin)

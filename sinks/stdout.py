@@ -1,0 +1,37 @@
+"""stdout: one JSON line per event (the JSON rendering), for people and log shippers."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import BinaryIO
+
+from auditpipe.schemas import Event, to_json
+
+from auditpipe.settings import StrictModel
+
+from .base import RetriableSinkError, Sink
+
+
+class StdoutConfig(StrictModel):
+    pass
+
+
+class StdoutSink(Sink):
+    """Writes each batch to standard output and flushes before ``write`` returns."""
+
+    name = "stdout"
+    Config = StdoutConfig
+
+    def __init__(self, config: StrictModel | None = None, stream: BinaryIO | None = None) -> None:
+        super().__init__(config)
+        self._stream = stream
+
+    async def write(self, batch: Sequence[Event]) -> None:
+        stream = self._stream or sys.stdout.buffer
+        data = b"".join(to_json(event) + b"\n" for event in batch)
+        try:
+            stream.write(data)
+            stream.flush()
+        except OSError as exc:  # EPIPE, ENOSPC on a redirected stdout...
+            raise RetriableSinkError(f"stdout write failed: {exc}") from exc
