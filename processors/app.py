@@ -101,4 +101,6 @@ def run_worker(settings: Settings, loglevel: str = "warning") -> None:
     from faust.worker import Worker
 
     app = create_app(settings)
-    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.spinner = None  # its terminal escapes would garble a non-terminal stderr
+    worker.execute_from_commandline()

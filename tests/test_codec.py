@@ -154,3 +154,23 @@ class TestEventIds:
         assert len(set(ids)) == len(ids)
         assert [i.int for i in ids] == sorted(i.int for i in ids)
         assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids[:10])
+
+
+class TestVersions:
+    def test_v1_bytes_decode_with_v2_defaults(self) -> None:
+        """An event written by a v1 producer is read as v2 with the new fields' defaults."""
+        event = full_event()
+        data = encode(event, schema_id=1)
+        assert struct.unpack(">I", data[1:5])[0] == 1
+        decoded = decode(data)
+        assert decoded["request_id"] == "req_123" and decoded["usage"] == event["usage"]
+        assert (
+            decoded["tenant"] is None and decoded["tags"] == {} and decoded["incomplete"] is False
+        )
+
+    def test_v2_bytes_decode_with_a_v1_reader(self) -> None:
+        """A v1-pinned reader drops the fields it does not know."""
+        event = full_event()
+        event["tenant"] = "acme"
+        decoded = decode(encode(event), reader_schema_id=1)
+        assert "tenant" not in decoded and decoded["model"] == event["model"]
