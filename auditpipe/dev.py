@@ -47,8 +47,35 @@ def _with_bootstrap(settings: Settings, bootstrap: str) -> Settings:
     return settings.model_copy(update={"kafka": kafka})
 
 
-def spawn_processor(bootstrap: str, config_path: str | None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "AUDITPIPE_KAFKA_BOOTSTRAP": bootstrap}
+# On the embedded broker a consumer group's first join waits half the session timeout (see
+# README, "Startup time"), so `auditpipe dev` uses short sessions there unless the settings
+# say otherwise. A real cluster keeps the configured (longer, safer) values.
+EMBEDDED_SESSION_TIMEOUT_SECS = 3.0
+EMBEDDED_HEARTBEAT_INTERVAL_SECS = 0.5
+
+
+def tune_for_embedded_broker(settings: Settings) -> Settings:
+    """Short group sessions for the processor and the runner, where not set explicitly."""
+    proc, runner = settings.processors, settings.runner
+    if "session_timeout_secs" not in proc.model_fields_set:
+        proc = proc.model_copy(update={"session_timeout_secs": EMBEDDED_SESSION_TIMEOUT_SECS})
+    if "heartbeat_interval_secs" not in proc.model_fields_set:
+        proc = proc.model_copy(update={"heartbeat_interval_secs": EMBEDDED_HEARTBEAT_INTERVAL_SECS})
+    if "session_timeout_secs" not in runner.model_fields_set:
+        runner = runner.model_copy(update={"session_timeout_secs": EMBEDDED_SESSION_TIMEOUT_SECS})
+    return settings.model_copy(update={"processors": proc, "runner": runner})
+
+
+def spawn_processor(
+    bootstrap: str, config_path: str | None, settings: Settings
+) -> subprocess.Popen[bytes]:
+    proc = settings.processors
+    env = {
+        **os.environ,
+        "AUDITPIPE_KAFKA_BOOTSTRAP": bootstrap,
+        "AUDITPIPE_PROCESSORS_SESSION_TIMEOUT_SECS": str(proc.session_timeout_secs),
+        "AUDITPIPE_PROCESSORS_HEARTBEAT_INTERVAL_SECS": str(proc.heartbeat_interval_secs),
+    }
     cmd = [sys.executable, "-m", "auditpipe", "process", "--loglevel", "warning"]
     if config_path:
         cmd += ["--config", config_path]
@@ -73,10 +100,12 @@ async def run_dev(settings: Settings, options: DevOptions) -> int:
     started = time.monotonic()
     with kafka_bootstrap(settings.kafka.bootstrap) as (bootstrap, broker):
         settings = _with_bootstrap(settings, bootstrap)
+        if broker is not None:
+            settings = tune_for_embedded_broker(settings)
         await ensure_topics(settings.kafka)
         where = "embedded broker" if broker else "Kafka"
         progress(f"{where} at {bootstrap}; topics ready ({time.monotonic() - started:.1f}s)")
-        worker = spawn_processor(bootstrap, options.config_path)
+        worker = spawn_processor(bootstrap, options.config_path, settings)
         try:
             return await _run_with_worker(settings, options, sink, worker, started)
         finally:

@@ -45,9 +45,16 @@ def settings(kafka_bootstrap: str, tmp_path: Any) -> Settings:
         }
     )
     processors = base.processors.model_copy(
-        update={"app_id": f"t-{suffix}-processors", "data_dir": str(tmp_path / "faust")}
+        update={
+            "app_id": f"t-{suffix}-processors",
+            "data_dir": str(tmp_path / "faust"),
+            "session_timeout_secs": 3.0,  # first join on Tansu takes half of it
+            "heartbeat_interval_secs": 0.5,
+        }
     )
-    runner = base.runner.model_copy(update={"group_prefix": f"t-{suffix}-sink-"})
+    runner = base.runner.model_copy(
+        update={"group_prefix": f"t-{suffix}-sink-", "session_timeout_secs": 3.0}
+    )
     s = base.model_copy(update={"kafka": kafka, "processors": processors, "runner": runner})
     asyncio.run(ensure_topics(s.kafka))
     return s

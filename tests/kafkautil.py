@@ -30,6 +30,8 @@ async def consume(bootstrap: str, topic: str, count: int, timeout_secs: float = 
         group_id=f"test-reader-{uuid.uuid4().hex[:8]}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        session_timeout_ms=3000,  # the first join on Tansu takes half of it
+        heartbeat_interval_ms=500,
     )
     await consumer.start()
     records: list[Any] = []

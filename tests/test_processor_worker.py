@@ -24,6 +24,8 @@ def write_config(settings: Settings, path: Path) -> Path:
         f'events_topic = "{k.events_topic}"\ndlq_topic = "{k.dlq_topic}"\n'
         f"partitions = {k.partitions}\n"
         f'[processors]\napp_id = "{p.app_id}"\ndata_dir = "{p.data_dir}"\n'
+        f"session_timeout_secs = {p.session_timeout_secs}\n"
+        f"heartbeat_interval_secs = {p.heartbeat_interval_secs}\n"
     )
     return path
 
