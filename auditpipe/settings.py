@@ -8,6 +8,7 @@ File layout (every table optional; unknown keys are rejected)::
     [runner]     sink runner batching                     -> RunnerSettings
     [source]     service / instance names put on events  -> SourceSettings
     [sinks.NAME] the settings of sink NAME (validated by that sink's own model)
+    [pipeline]   processor steps and [pipeline.STEP] tables (validated by auditpipe.processors)
 
 Environment: ``AUDITPIPE_<TABLE>_<KEY>`` overrides ``[table] key``; for example
 ``AUDITPIPE_KAFKA_BOOTSTRAP=host:9092`` sets ``[kafka] bootstrap``.
@@ -88,6 +89,9 @@ class Settings(StrictModel):
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     source: SourceSettings = Field(default_factory=SourceSettings)
     sinks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    pipeline: dict[str, Any] = Field(
+        default_factory=dict, description="processor chain; validated by auditpipe.processors"
+    )
 
 
 _TABLES = ("kafka", "producer", "processors", "runner", "source")

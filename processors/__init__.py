@@ -1,6 +1,19 @@
 """Processor steps (pure functions of an event) and the Faust app that runs them."""
 
-from .pipeline import Outcome, process_record
+from .base import DEFAULT_CHAIN, ProcessorStep, available_steps, build_chain
+from .pipeline import Outcome, chain_for, process_record
 from .steps import DEFAULT_STEPS, Step, record_step, validate_step
 
-__all__ = ["DEFAULT_STEPS", "Outcome", "Step", "process_record", "record_step", "validate_step"]
+__all__ = [
+    "DEFAULT_CHAIN",
+    "DEFAULT_STEPS",
+    "Outcome",
+    "ProcessorStep",
+    "Step",
+    "available_steps",
+    "build_chain",
+    "chain_for",
+    "process_record",
+    "record_step",
+    "validate_step",
+]

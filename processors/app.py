@@ -19,8 +19,7 @@ import faust
 from auditpipe.kafka import require_bootstrap
 from auditpipe.settings import Settings
 
-from .pipeline import Outcome, process_record
-from .steps import DEFAULT_STEPS
+from .pipeline import Outcome, chain_for, process_record
 
 log = logging.getLogger("auditpipe.processors")
 
@@ -29,6 +28,7 @@ BATCH_WITHIN_SECS = 0.05
 
 
 def create_app(settings: Settings, **overrides: Any) -> faust.App:
+    steps = chain_for(settings.pipeline)  # validate the chain before anything connects
     kafka = settings.kafka
     proc = settings.processors
     bootstrap = require_bootstrap(kafka)
@@ -53,7 +53,7 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
     raw = app.topic(kafka.raw_topic, value_type=bytes, key_type=bytes)
     events = app.topic(kafka.events_topic, value_type=bytes, key_type=bytes)
     dlq = app.topic(kafka.dlq_topic, value_type=bytes, key_type=bytes)
-    steps = DEFAULT_STEPS
+    steps = chain_for(settings.pipeline)
 
     async def deliver(outcomes: list[Outcome]) -> None:
         pending = [o for o in outcomes if o.kind != "drop"]

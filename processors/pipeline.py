@@ -61,3 +61,10 @@ def process_record(
         headers = dead_letter_headers("encode", "encode_failed", exc, topic, partition, offset)
         return Outcome("dead_letter", key, value, headers, "encode_failed")
     return Outcome("forward", key or str(event["event_id"]).encode(), encoded)
+
+
+def chain_for(pipeline: dict[str, object] | None, origin: str = "settings") -> list[Step]:
+    """The full chain a worker runs: schema validation, then the configured steps."""
+    from .base import build_chain
+
+    return [*DEFAULT_STEPS, *build_chain(pipeline, origin)]
