@@ -3,20 +3,23 @@
     auditpipe dev [--sink NAME] [--config FILE] [--requests N]   the whole pipeline, embedded
     auditpipe process [--config FILE]                              a processor worker
     auditpipe sink NAME [--config FILE] | auditpipe sink --list   a sink consumer
+    auditpipe redact [--config FILE] [INPUT|-] [-o OUTPUT|-] [--rejects FILE]
     auditpipe broker [--port PORT]                                 the embedded broker alone
 
 Exit codes: 0 success, 1 the job failed (the message says what is missing), 2 bad usage or
-configuration (the message names the key), 130 interrupted.
+configuration (the message names the key), 3 `redact` rejected some lines, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import AuditpipeError, ConfigError
 from .settings import Settings, load_settings, settings_path_from_env
@@ -93,6 +96,41 @@ async def _run_sink(sink: object, settings: Settings) -> int:
     return 0
 
 
+def cmd_redact(args: argparse.Namespace) -> int:
+    """Run the configured processor chain offline over a JSONL file; see processors/offline.py."""
+    from auditpipe.processors import chain_for
+    from auditpipe.processors.offline import run_offline
+
+    settings = _settings(args)
+    chain = chain_for(settings.pipeline, _origin(args))  # bad config fails before any I/O
+    with contextlib.ExitStack() as stack:
+        src = (
+            sys.stdin.buffer
+            if args.input in (None, "-")
+            else stack.enter_context(_open(args.input, "rb"))
+        )
+        out = (
+            sys.stdout.buffer
+            if args.output in (None, "-")
+            else stack.enter_context(_open(args.output, "wb"))
+        )
+        rejects = (
+            sys.stderr.buffer
+            if not args.rejects
+            else stack.enter_context(_open(args.rejects, "wb"))
+        )
+        report = run_offline(chain, src, out, rejects)
+    print(f"[auditpipe redact] {report.summary()}", file=sys.stderr)
+    return 3 if report.rejected else 0
+
+
+def _open(path: str, mode: str) -> Any:
+    try:
+        return open(path, mode)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {path}: {exc.strerror}") from None
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from .broker import EmbeddedBroker
 
@@ -135,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--list", action="store_true", help="list installed sinks and exit")
     sink.add_argument("--config", help="settings file (TOML); [sinks.NAME] configures the sink")
     sink.set_defaults(func=cmd_sink)
+
+    redact = sub.add_parser(
+        "redact",
+        help="run the configured processor chain over a JSONL file of audit records",
+        description="One line out per line in (unless sampled out). Exit 3 when lines were "
+        "rejected (written to --rejects, or stderr, with their line numbers).",
+    )
+    redact.add_argument("input", nargs="?", help="JSONL input (default: stdin, or -)")
+    redact.add_argument("-o", "--output", help="JSONL output (default: stdout, or -)")
+    redact.add_argument("--rejects", help="where malformed lines go (default: stderr)")
+    redact.add_argument("--config", help="settings file (TOML); [pipeline] configures the steps")
+    redact.set_defaults(func=cmd_redact)
 
     broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker alone")
     broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")

@@ -19,10 +19,10 @@ from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
+from auditpipe.schemas import Event
 from pydantic import Field
 
 from auditpipe.errors import ConfigError
-from auditpipe.schemas import Event
 from auditpipe.settings import StrictModel, validate_model
 
 ENTRY_POINT_GROUP = "auditpipe.processors"
@@ -68,7 +68,9 @@ def load_step_class(name: str) -> type[ProcessorStep]:
     return cls
 
 
-def build_chain(pipeline: Mapping[str, Any] | None, origin: str = "settings") -> list[ProcessorStep]:
+def build_chain(
+    pipeline: Mapping[str, Any] | None, origin: str = "settings"
+) -> list[ProcessorStep]:
     """Validate ``[pipeline]`` and instantiate its steps in order (before anything connects)."""
     data = dict(pipeline or {})
     step_tables = {k: data.pop(k) for k in list(data) if k != "steps"}

@@ -130,13 +130,19 @@ BUILTIN: tuple[Detector, ...] = (
         _re(_B + r"eyJ[A-Za-z0-9_-]{4,4096}\.eyJ[A-Za-z0-9_-]{4,8192}\.[A-Za-z0-9_-]{8,4096}" + _E),
         priority=5,
     ),
-    Detector("ANTHROPIC_KEY", _re(_B + r"sk-ant-[A-Za-z0-9]{2,10}-[A-Za-z0-9_-]{20,200}"), priority=5),
+    Detector(
+        "ANTHROPIC_KEY", _re(_B + r"sk-ant-[A-Za-z0-9]{2,10}-[A-Za-z0-9_-]{20,200}"), priority=5
+    ),
     Detector(
         "OPENAI_KEY",
         _re(_B + r"sk-(?:proj-|svcacct-|admin-|None-)?[A-Za-z0-9_-]{20,200}" + _E),
         priority=6,
     ),
-    Detector("AWS_ACCESS_KEY_ID", _re(r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])"), priority=5),
+    Detector(
+        "AWS_ACCESS_KEY_ID",
+        _re(r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])"),
+        priority=5,
+    ),
     Detector(
         "AWS_SECRET_KEY",
         _re(
@@ -149,19 +155,33 @@ BUILTIN: tuple[Detector, ...] = (
     ),
     Detector(
         "GITHUB_TOKEN",
-        _re(_B + r"(?:(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})" + _E),
+        _re(
+            _B
+            + r"(?:(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})"
+            + _E
+        ),
         priority=5,
     ),
     Detector("SLACK_TOKEN", _re(_B + r"xox[abposre]-[A-Za-z0-9-]{10,250}" + _E), priority=5),
     Detector(
         "SLACK_WEBHOOK",
-        _re(r"https://hooks\.slack\.com/services/[A-Za-z0-9]{6,20}/[A-Za-z0-9]{6,20}/[A-Za-z0-9]{10,40}"),
+        _re(
+            r"https://hooks\.slack\.com/services/[A-Za-z0-9]{6,20}/[A-Za-z0-9]{6,20}/[A-Za-z0-9]{10,40}"
+        ),
         priority=4,
     ),
     Detector("GOOGLE_API_KEY", _re(_B + r"AIza[0-9A-Za-z_-]{35}" + _E), priority=5),
     Detector(
         "STRIPE_KEY",
-        _re(_B + r"(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{10,99}" + _E + r"|" + _B + r"whsec_[A-Za-z0-9]{20,99}" + _E),
+        _re(
+            _B
+            + r"(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{10,99}"
+            + _E
+            + r"|"
+            + _B
+            + r"whsec_[A-Za-z0-9]{20,99}"
+            + _E
+        ),
         priority=5,
     ),
     Detector(
@@ -191,11 +211,16 @@ BUILTIN: tuple[Detector, ...] = (
     ),
     Detector(
         "IBAN",
-        _re(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"),
+        _re(
+            r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?"
+            r"(?![A-Za-z0-9])"
+        ),
         iban_ok,
         priority=12,
     ),
-    Detector("CREDIT_CARD", _re(r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d-]|\.\d)"), luhn_ok, priority=12),
+    Detector(
+        "CREDIT_CARD", _re(r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d-]|\.\d)"), luhn_ok, priority=12
+    ),
     Detector(
         "US_SSN",
         _re(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])"),
@@ -226,7 +251,9 @@ BUILTIN: tuple[Detector, ...] = (
 BUILTIN_NAMES = tuple(d.name for d in BUILTIN)
 
 
-def find_all(text: str, detectors: tuple[Detector, ...] | list[Detector]) -> list[tuple[int, int, str, Detector]]:
+def find_all(
+    text: str, detectors: tuple[Detector, ...] | list[Detector]
+) -> list[tuple[int, int, str, Detector]]:
     """Non-overlapping matches, by priority then length, in text order."""
     found: list[tuple[int, int, str, Detector]] = []
     for det in detectors:

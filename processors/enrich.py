@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 import orjson
+from auditpipe.schemas import Event
 from pydantic import Field, field_validator
 
-from auditpipe.schemas import Event
 from auditpipe.settings import StrictModel
 
 from .base import ProcessorStep
@@ -69,7 +69,9 @@ def _check_sources(value: list[str]) -> list[str]:
 class EnrichConfig(StrictModel):
     prices: dict[str, Price] = Field(default_factory=dict, description="added to the defaults")
     use_default_prices: bool = True
-    tenant_from: list[str] = Field(default_factory=lambda: ["metadata:tenant", "header:x-tenant-id"])
+    tenant_from: list[str] = Field(
+        default_factory=lambda: ["metadata:tenant", "header:x-tenant-id"]
+    )
     user_from: list[str] = Field(default_factory=lambda: ["metadata:user", "header:x-user-id"])
     tags: dict[str, str] = Field(default_factory=dict)
     estimate_usage: bool = True
@@ -152,7 +154,11 @@ class EnrichStep(ProcessorStep):
         cpt = self.config.chars_per_token  # type: ignore[attr-defined]
         prompt = math.ceil(_text_chars(event.get("input")) / cpt)
         completion = math.ceil(_text_chars(_completion_part(event.get("output"))) / cpt)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
 
 
 def _first_source(event: Event, sources: list[str]) -> str | None:

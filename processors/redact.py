@@ -26,10 +26,10 @@ import re
 from collections import Counter
 from typing import Any, Literal
 
+from auditpipe.schemas import Event
 from pydantic import Field, field_validator, model_validator
 
 from auditpipe.errors import ConfigError
-from auditpipe.schemas import Event
 from auditpipe.settings import StrictModel
 
 from .base import ProcessorStep
@@ -132,12 +132,14 @@ class RedactStep(ProcessorStep):
             out["metadata"] = self._scan(out.get("metadata") or {}, ("metadata",), counts, skip)
         if cfg.scan_headers:
             out["headers"] = self._scan(out.get("headers") or {}, ("headers",), counts, skip)
-        action = "redacted" if counts else "clean"
-        return record_step(out, self.name, self.version, action, counts)
+        outcome = "redacted" if counts else "clean"
+        return record_step(out, self.name, self.version, outcome, counts)
 
     # -- scanning --------------------------------------------------------------------------------
 
-    def _scan(self, value: Any, path: tuple[Any, ...], counts: Counter[str], skip: set[tuple[Any, ...]]) -> Any:
+    def _scan(
+        self, value: Any, path: tuple[Any, ...], counts: Counter[str], skip: set[tuple[Any, ...]]
+    ) -> Any:
         if path in skip:
             return value
         if isinstance(value, str):
@@ -229,8 +231,10 @@ def _resolve(root: Any, path: list[str]) -> list[tuple[Any, Any, tuple[Any, ...]
         if isinstance(container, dict):
             keys = list(container) if part == "*" else ([part] if part in container else [])
         elif isinstance(container, list):
-            keys = list(range(len(container))) if part == "*" else (
-                [int(part)] if part.isdigit() and int(part) < len(container) else []
+            keys = (
+                list(range(len(container)))
+                if part == "*"
+                else ([int(part)] if part.isdigit() and int(part) < len(container) else [])
             )
         else:
             return
@@ -252,7 +256,13 @@ def _resolve(root: Any, path: list[str]) -> list[tuple[Any, Any, tuple[Any, ...]
     if top not in root or root[top] is None:
         return results
     value = root[top]
-    root[top] = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
+    root[top] = (
+        dict(value)
+        if isinstance(value, dict)
+        else list(value)
+        if isinstance(value, list)
+        else value
+    )
     if len(path) == 1:
         return [(root, top, (top,))]
     walk(root[top], 1, (top,))

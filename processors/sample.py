@@ -13,15 +13,16 @@ import fnmatch
 import hashlib
 from typing import Literal
 
+from auditpipe.schemas import Event
 from pydantic import Field, model_validator
 
-from auditpipe.schemas import Event
 from auditpipe.settings import StrictModel
 
 from .base import ProcessorStep
 from .steps import record_step
 
 Condition = Literal["error", "store", "redacted"]
+_KEEP_WHEN_DEFAULT: tuple[Condition, ...] = ("error", "redacted")
 
 
 class SampleRule(StrictModel):
@@ -40,7 +41,9 @@ class SampleRule(StrictModel):
     def matches(self, event: Event) -> bool:
         if self.model and not fnmatch.fnmatchcase(str(event.get("model") or ""), self.model):
             return False
-        if self.endpoint and not fnmatch.fnmatchcase(str(event.get("endpoint") or ""), self.endpoint):
+        if self.endpoint and not fnmatch.fnmatchcase(
+            str(event.get("endpoint") or ""), self.endpoint
+        ):
             return False
         if self.tenant and not fnmatch.fnmatchcase(str(event.get("tenant") or ""), self.tenant):
             return False
@@ -59,7 +62,7 @@ class SampleConfig(StrictModel):
     seed: str = "auditpipe"
     default_rate: float = Field(1.0, ge=0, le=1)
     rules: list[SampleRule] = Field(default_factory=list)
-    keep_when: list[Condition] = Field(default_factory=lambda: ["error", "redacted"])
+    keep_when: list[Condition] = Field(default_factory=lambda: list(_KEEP_WHEN_DEFAULT))
 
 
 class SampleStep(ProcessorStep):

@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - corpus lines are real-world tokens, kept whole
 """A labelled corpus for the redact step: sentences with the secret they carry, and look-alikes.
 
 POSITIVES: (detector, text, secret) — ``secret`` must not survive redaction.
@@ -9,7 +10,11 @@ from __future__ import annotations
 POSITIVES: list[tuple[str, str, str]] = [
     # email
     ("EMAIL", "Contact john.doe@example.com for details", "john.doe@example.com"),
-    ("EMAIL", "mail: Jane_Smith+billing@mail.example.co.uk.", "Jane_Smith+billing@mail.example.co.uk"),
+    (
+        "EMAIL",
+        "mail: Jane_Smith+billing@mail.example.co.uk.",
+        "Jane_Smith+billing@mail.example.co.uk",
+    ),
     ("EMAIL", "<a href='mailto:x.y-z@sub.domain.io'>", "x.y-z@sub.domain.io"),
     ("EMAIL", "(reach me: o'brien@example.ie)", "brien@example.ie"),
     ("EMAIL", "UPPER@EXAMPLE.ORG wrote:", "UPPER@EXAMPLE.ORG"),
@@ -49,25 +54,85 @@ POSITIVES: list[tuple[str, str, str]] = [
     ("IPV6", "2001:0db8:85a3:0000:0000:8a2e:0370:7334", "2001:0db8:85a3:0000:0000:8a2e:0370:7334"),
     ("IPV6", "link fe80::1ff:fe23:4567:890a%eth0", "fe80::1ff:fe23:4567:890a"),
     # secrets
-    ("OPENAI_KEY", "OPENAI_API_KEY=sk-proj-Ab3dEf6hIj9kLmN0pQrStUvWxYz1234567890", "sk-proj-Ab3dEf6hIj9kLmN0pQrStUvWxYz1234567890"),
-    ("OPENAI_KEY", "use sk-abcdefghijklmnopqrstuvwxyzABCDEFGH123456", "sk-abcdefghijklmnopqrstuvwxyzABCDEFGH123456"),
-    ("ANTHROPIC_KEY", "key sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_abcdEFGH", "sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_abcdEFGH"),
+    (
+        "OPENAI_KEY",
+        "OPENAI_API_KEY=sk-proj-Ab3dEf6hIj9kLmN0pQrStUvWxYz1234567890",
+        "sk-proj-Ab3dEf6hIj9kLmN0pQrStUvWxYz1234567890",
+    ),
+    (
+        "OPENAI_KEY",
+        "use sk-abcdefghijklmnopqrstuvwxyzABCDEFGH123456",
+        "sk-abcdefghijklmnopqrstuvwxyzABCDEFGH123456",
+    ),
+    (
+        "ANTHROPIC_KEY",
+        "key sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_abcdEFGH",
+        "sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_abcdEFGH",
+    ),
     ("AWS_ACCESS_KEY_ID", "aws_access_key_id = AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),
     ("AWS_ACCESS_KEY_ID", "temp creds ASIAY34FZKBOKMUTVV7A ok", "ASIAY34FZKBOKMUTVV7A"),
-    ("AWS_SECRET_KEY", "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
-    ("AWS_SECRET_KEY", 'AWS_SECRET_ACCESS_KEY: "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY"', "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY"),
-    ("GITHUB_TOKEN", "token ghp_1234567890abcdefghijABCDEFGHIJ123456", "ghp_1234567890abcdefghijABCDEFGHIJ123456"),
-    ("GITHUB_TOKEN", "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRS", "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRS"),
-    ("SLACK_TOKEN", "slack xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx", "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx"),
-    ("SLACK_WEBHOOK", "hook https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX", "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"),
-    ("GOOGLE_API_KEY", "maps key AIzaSyA1234567890abcdefghijklmnopqrstuv", "AIzaSyA1234567890abcdefghijklmnopqrstuv"),
+    (
+        "AWS_SECRET_KEY",
+        "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    ),
+    (
+        "AWS_SECRET_KEY",
+        'AWS_SECRET_ACCESS_KEY: "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY"',
+        "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY",
+    ),
+    (
+        "GITHUB_TOKEN",
+        "token ghp_1234567890abcdefghijABCDEFGHIJ123456",
+        "ghp_1234567890abcdefghijABCDEFGHIJ123456",
+    ),
+    (
+        "GITHUB_TOKEN",
+        "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRS",
+        "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRS",
+    ),
+    (
+        "SLACK_TOKEN",
+        "slack xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+        "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+    ),
+    (
+        "SLACK_WEBHOOK",
+        "hook https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+        "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+    ),
+    (
+        "GOOGLE_API_KEY",
+        "maps key AIzaSyA1234567890abcdefghijklmnopqrstuv",
+        "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+    ),
     ("STRIPE_KEY", "stripe sk_live_4eC39HqLyjWDarjtT1zdp7dc", "sk_live_4eC39HqLyjWDarjtT1zdp7dc"),
     ("STRIPE_KEY", "rk_test_51H8abcdefghijklmnopqrstuv", "rk_test_51H8abcdefghijklmnopqrstuv"),
-    ("JWT", "token eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c", "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"),
-    ("BEARER_TOKEN", "Authorization: Bearer 9f8e7d6c5b4a39281706f5e4d3c2b1a0", "9f8e7d6c5b4a39281706f5e4d3c2b1a0"),
-    ("BEARER_TOKEN", "curl -H 'authorization: bearer abc.DEF_ghi-123456789xyz'", "abc.DEF_ghi-123456789xyz"),
-    ("PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nAbCd+/==\n-----END PRIVATE KEY-----", "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"),
-    ("PRIVATE_KEY", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU=\n-----END OPENSSH PRIVATE KEY-----", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU="),
+    (
+        "JWT",
+        "token eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
+    ),
+    (
+        "BEARER_TOKEN",
+        "Authorization: Bearer 9f8e7d6c5b4a39281706f5e4d3c2b1a0",
+        "9f8e7d6c5b4a39281706f5e4d3c2b1a0",
+    ),
+    (
+        "BEARER_TOKEN",
+        "curl -H 'authorization: bearer abc.DEF_ghi-123456789xyz'",
+        "abc.DEF_ghi-123456789xyz",
+    ),
+    (
+        "PRIVATE_KEY",
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nAbCd+/==\n-----END PRIVATE KEY-----",
+        "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC",
+    ),
+    (
+        "PRIVATE_KEY",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU=\n-----END OPENSSH PRIVATE KEY-----",
+        "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU=",
+    ),
     ("PASSWORD_ASSIGNMENT", "db password=hunter2!x", "hunter2!x"),
     ("PASSWORD_ASSIGNMENT", 'config {"api_key": "abcd1234efgh"}', "abcd1234efgh"),
     ("PASSWORD_ASSIGNMENT", "PWD: S3cr3t-Pa55", "S3cr3t-Pa55"),

@@ -68,7 +68,10 @@ class TestProcessorWorker:
         delivered = run(consume(bootstrap, settings.kafka.events_topic, 30, timeout_secs=90))
         decoded = [decode(r.value) for r in delivered]
         assert sorted(e["request_id"] for e in decoded) == sorted(e["request_id"] for e in good)
-        assert all(e["processing"][-1]["step"] == "validate" for e in decoded)
+        assert all(
+            [p["step"] for p in e["processing"]] == ["validate", "enrich", "redact", "sample"]
+            for e in decoded
+        )
 
         dead = run(consume(bootstrap, settings.kafka.dlq_topic, 3))
         assert sorted(r.value for r in dead) == sorted(garbage)

@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
-
-from auditpipe.errors import ConfigError
 from auditpipe.processors.base import build_chain
 from auditpipe.processors.detectors import luhn_ok
 from auditpipe.processors.redact import RedactConfig, RedactStep
 from auditpipe.schemas import new_event
+
+from auditpipe.errors import ConfigError
 
 from .redaction_corpus import NEGATIVES, POSITIVES
 
@@ -35,7 +35,9 @@ class TestCorpus:
         assert not false_hits, f"look-alikes that were redacted: {false_hits}"
 
     @pytest.mark.parametrize(("detector", "text", "secret"), POSITIVES)
-    def test_each_positive_is_labelled_with_its_detector(self, detector: str, text: str, secret: str) -> None:
+    def test_each_positive_is_labelled_with_its_detector(
+        self, detector: str, text: str, secret: str
+    ) -> None:
         assert f"[REDACTED:{detector}]" in redact_text(text)
 
 
@@ -55,7 +57,9 @@ class TestActions:
             RedactStep(RedactConfig(action="hash", hash_key_env="AUDITPIPE_TEST_NO_SUCH_VAR"))
 
     def test_remove_and_truncate(self) -> None:
-        assert redact_text("a bob@example.com b", RedactStep(RedactConfig(action="remove"))) == "a  b"
+        assert (
+            redact_text("a bob@example.com b", RedactStep(RedactConfig(action="remove"))) == "a  b"
+        )
         out = redact_text("a bob@example.com", RedactStep(RedactConfig(action="truncate")))
         assert out == "a bob@…[TRUNCATED:EMAIL]"
 
@@ -65,7 +69,9 @@ class TestActions:
 
     def test_bad_custom_regex_names_the_key(self) -> None:
         with pytest.raises(ConfigError, match=r"pipeline\.redact\.custom\.0\.pattern"):
-            build_chain({"steps": ["redact"], "redact": {"custom": [{"name": "x", "pattern": "("}]}})
+            build_chain(
+                {"steps": ["redact"], "redact": {"custom": [{"name": "x", "pattern": "("}]}}
+            )
 
 
 class TestScope:
@@ -120,7 +126,9 @@ class TestHostileInput:
             "    step(new_event(input={'text': s}))\n"
             "print('ok')\n"
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
