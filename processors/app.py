@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import tempfile
 from typing import Any
@@ -78,20 +79,26 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         async for batch in stream.take_events(  # type: ignore[attr-defined]
             BATCH_MAX_EVENTS, within=BATCH_WITHIN_SECS
         ):
-            outcomes = []
-            for event in batch:
-                msg = event.message
-                outcomes.append(
+            try:
+                outcomes = [
                     process_record(
-                        msg.key,
-                        msg.value,
-                        topic=msg.topic,
-                        partition=msg.partition,
-                        offset=msg.offset,
+                        e.message.key,
+                        e.message.value,
+                        topic=e.message.topic,
+                        partition=e.message.partition,
+                        offset=e.message.offset,
                         steps=steps,
                     )
-                )
-            await deliver(outcomes)
+                    for e in batch
+                ]
+                await deliver(outcomes)
+            except Exception:
+                # Leaving this loop with an error would let Faust ack the batch (take_events
+                # acks in a finally) and keep a worker without an agent running. Die instead:
+                # the offsets stay uncommitted, so a restarted worker redelivers the batch.
+                log.critical("processor agent failed; exiting to get the batch redelivered")
+                logging.shutdown()
+                os._exit(70)
 
     return app
 

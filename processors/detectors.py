@@ -16,11 +16,12 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 Validator = Callable[[str], bool]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Detector:
     """``name`` labels replacements (``[REDACTED:NAME]``); ``group`` selects the secret part."""
 
@@ -29,6 +30,18 @@ class Detector:
     validator: Validator | None = None
     group: int | str = 0
     priority: int = 50  # lower wins when two matches overlap
+    # Cheap necessary conditions, checked before the full pattern (most text fails them at C
+    # speed): one of ``literals`` occurs in the text, or one of ``literals_lower`` in the
+    # lower-cased text, or (``digits``) the text has a digit and matches ``hint``. A detector
+    # with none of them always runs its full pattern.
+    literals: tuple[str, ...] = ()
+    literals_lower: tuple[str, ...] = ()
+    digits: bool = False
+    hint: str = ""
+
+    @cached_property
+    def hint_re(self) -> re.Pattern[str] | None:
+        return re.compile(self.hint) if self.hint else None
 
     def find(self, text: str) -> Iterator[tuple[int, int, str]]:
         for m in self.pattern.finditer(text):
@@ -124,24 +137,31 @@ BUILTIN: tuple[Detector, ...] = (
             r"(?:-----END (?:[A-Z0-9]{1,20} ){0,3}PRIVATE KEY-----)?"
         ),
         priority=1,
+        literals=("PRIVATE KEY",),
     ),
     Detector(
         "JWT",
         _re(_B + r"eyJ[A-Za-z0-9_-]{4,4096}\.eyJ[A-Za-z0-9_-]{4,8192}\.[A-Za-z0-9_-]{8,4096}" + _E),
         priority=5,
+        literals=("eyJ",),
     ),
     Detector(
-        "ANTHROPIC_KEY", _re(_B + r"sk-ant-[A-Za-z0-9]{2,10}-[A-Za-z0-9_-]{20,200}"), priority=5
+        "ANTHROPIC_KEY",
+        _re(_B + r"sk-ant-[A-Za-z0-9]{2,10}-[A-Za-z0-9_-]{20,200}"),
+        priority=5,
+        literals=("sk-ant-",),
     ),
     Detector(
         "OPENAI_KEY",
         _re(_B + r"sk-(?:proj-|svcacct-|admin-|None-)?[A-Za-z0-9_-]{20,200}" + _E),
         priority=6,
+        literals=("sk-",),
     ),
     Detector(
         "AWS_ACCESS_KEY_ID",
         _re(r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])"),
         priority=5,
+        literals=("AKIA", "ASIA", "ABIA", "ACCA"),
     ),
     Detector(
         "AWS_SECRET_KEY",
@@ -152,6 +172,7 @@ BUILTIN: tuple[Detector, ...] = (
         aws_secret_ok,
         group="v",
         priority=5,
+        literals_lower=("aws",),
     ),
     Detector(
         "GITHUB_TOKEN",
@@ -161,16 +182,25 @@ BUILTIN: tuple[Detector, ...] = (
             + _E
         ),
         priority=5,
+        literals=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
     ),
-    Detector("SLACK_TOKEN", _re(_B + r"xox[abposre]-[A-Za-z0-9-]{10,250}" + _E), priority=5),
+    Detector(
+        "SLACK_TOKEN",
+        _re(_B + r"xox[abposre]-[A-Za-z0-9-]{10,250}" + _E),
+        priority=5,
+        literals=("xox",),
+    ),
     Detector(
         "SLACK_WEBHOOK",
         _re(
             r"https://hooks\.slack\.com/services/[A-Za-z0-9]{6,20}/[A-Za-z0-9]{6,20}/[A-Za-z0-9]{10,40}"
         ),
         priority=4,
+        literals=("hooks.slack.com",),
     ),
-    Detector("GOOGLE_API_KEY", _re(_B + r"AIza[0-9A-Za-z_-]{35}" + _E), priority=5),
+    Detector(
+        "GOOGLE_API_KEY", _re(_B + r"AIza[0-9A-Za-z_-]{35}" + _E), priority=5, literals=("AIza",)
+    ),
     Detector(
         "STRIPE_KEY",
         _re(
@@ -183,12 +213,14 @@ BUILTIN: tuple[Detector, ...] = (
             + _E
         ),
         priority=5,
+        literals=("_live_", "_test_", "whsec_"),
     ),
     Detector(
         "BEARER_TOKEN",
         _re(r"(?i:\bbearer)\s{1,4}(?P<v>[A-Za-z0-9._~+/=-]{16,4096})"),
         group="v",
         priority=7,
+        literals_lower=("bearer",),
     ),
     Detector(
         "PASSWORD_ASSIGNMENT",
@@ -199,6 +231,7 @@ BUILTIN: tuple[Detector, ...] = (
         ),
         group="v",
         priority=8,
+        literals_lower=("pass", "pwd", "secret", "key", "token"),
     ),
     # personal data
     Detector(
@@ -208,6 +241,7 @@ BUILTIN: tuple[Detector, ...] = (
             r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24}(?![A-Za-z0-9-])"
         ),
         priority=10,
+        literals=("@",),
     ),
     Detector(
         "IBAN",
@@ -217,14 +251,23 @@ BUILTIN: tuple[Detector, ...] = (
         ),
         iban_ok,
         priority=12,
+        digits=True,
+        hint=r"[A-Z]{2}\d{2}",
     ),
     Detector(
-        "CREDIT_CARD", _re(r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d-]|\.\d)"), luhn_ok, priority=12
+        "CREDIT_CARD",
+        _re(r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d-]|\.\d)"),
+        luhn_ok,
+        priority=12,
+        digits=True,
+        hint=r"\d(?:[ -]?\d){12}",
     ),
     Detector(
         "US_SSN",
         _re(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])"),
         priority=14,
+        digits=True,
+        hint=r"\d{3}-\d{2}-\d{4}",
     ),
     Detector(
         "PHONE",
@@ -236,6 +279,8 @@ BUILTIN: tuple[Detector, ...] = (
         ),
         phone_ok,
         priority=16,
+        digits=True,
+        hint=r"\+[1-9]|\d{3}[ .)-]{1,2}\d{3}",
     ),
     Detector(
         "IPV4",
@@ -244,11 +289,62 @@ BUILTIN: tuple[Detector, ...] = (
             r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]|\.\d)"
         ),
         priority=18,
+        digits=True,
+        hint=r"\d\.\d{1,3}\.\d{1,3}\.\d",
     ),
-    Detector("IPV6", _re(r"(?<![\w:.])[0-9A-Fa-f:]{2,39}(?![\w:])"), ipv6_ok, priority=18),
+    Detector(
+        "IPV6",
+        _re(r"(?<![\w:.])[0-9A-Fa-f:]{2,39}(?![\w:])"),
+        ipv6_ok,
+        priority=18,
+        literals=("::",),
+        digits=True,
+        hint=r"[0-9A-Fa-f]:[0-9A-Fa-f]",
+    ),
 )
 
 BUILTIN_NAMES = tuple(d.name for d in BUILTIN)
+
+
+class Gate:
+    """The detectors' pre-checks, merged: which detectors are worth running on a text.
+
+    ``candidates(text)`` costs a few C-level substring searches; for most strings of a chat
+    event (roles, ids, model names, plain prose) it returns nothing and no regex runs at all.
+    """
+
+    def __init__(self, detectors: tuple[Detector, ...] | list[Detector]) -> None:
+        self.unconditional = [
+            d for d in detectors if not (d.literals or d.literals_lower or d.digits)
+        ]
+        by_literal: dict[str, list[Detector]] = {}
+        by_lower: dict[str, list[Detector]] = {}
+        for d in detectors:
+            for x in d.literals:
+                by_literal.setdefault(x, []).append(d)
+            for x in d.literals_lower:
+                by_lower.setdefault(x, []).append(d)
+        self.by_literal = tuple(by_literal.items())
+        self.by_lower = tuple(by_lower.items())
+        self.by_digit = tuple((d, d.hint_re) for d in detectors if d.digits)
+
+    def candidates(self, text: str) -> list[Detector]:
+        found = list(self.unconditional)
+        for x, dets in self.by_literal:
+            if x in text:
+                found.extend(dets)
+        if self.by_lower:
+            low = text.lower()
+            for x, dets in self.by_lower:
+                if x in low:
+                    found.extend(dets)
+        if self.by_digit and any(c in text for c in "0123456789"):
+            for d, hint in self.by_digit:
+                if hint is None or hint.search(text) is not None:
+                    found.append(d)
+        if len(found) > 1:
+            found = list(dict.fromkeys(found))
+        return found
 
 
 def find_all(

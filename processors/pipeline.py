@@ -64,7 +64,11 @@ def process_record(
 
 
 def chain_for(pipeline: dict[str, object] | None, origin: str = "settings") -> list[Step]:
-    """The full chain a worker runs: schema validation, then the configured steps."""
+    """The chain a worker runs: the configured steps.
+
+    No separate validation step: decoding with the writer's schema already proves the input
+    fits, and encoding the result proves the output does (a failure there dead-letters).
+    """
     from .base import build_chain
 
-    return [*DEFAULT_STEPS, *build_chain(pipeline, origin)]
+    return list(build_chain(pipeline, origin))

@@ -33,7 +33,7 @@ from auditpipe.errors import ConfigError
 from auditpipe.settings import StrictModel
 
 from .base import ProcessorStep
-from .detectors import BUILTIN, BUILTIN_NAMES, Detector, find_all
+from .detectors import BUILTIN, BUILTIN_NAMES, Detector, Gate, find_all
 from .steps import record_step
 
 Action = Literal["mask", "hash", "remove", "truncate"]
@@ -105,6 +105,7 @@ class RedactStep(ProcessorStep):
         for c in cfg.custom:
             detectors.append(Detector(c.name.upper(), re.compile(c.pattern), priority=30))
         self.detectors = tuple(detectors)
+        self._gate = Gate(self.detectors)
         self.actions: dict[str, Action] = {d.name: cfg.action for d in detectors}
         self.actions.update({c.name.upper(): c.action for c in cfg.custom if c.action})
         self.actions.update({k.upper(): v for k, v in cfg.actions.items()})
@@ -151,7 +152,10 @@ class RedactStep(ProcessorStep):
         return value
 
     def _redact_text(self, text: str, counts: Counter[str]) -> str:
-        matches = find_all(text, self.detectors)
+        candidates = self._gate.candidates(text)
+        if not candidates:
+            return text
+        matches = find_all(text, candidates)
         if not matches:
             return text
         parts: list[str] = []
