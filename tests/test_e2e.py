@@ -53,12 +53,7 @@ class TestDev:
             assert event["usage"] == event["output"]["usage"] and event["usage"]["total_tokens"] > 0
             assert event["headers"]["x-request-id"] == event["request_id"]
             assert "authorization" not in event["headers"]
-            assert [p["step"] for p in event["processing"]] == [
-                "validate",
-                "enrich",
-                "redact",
-                "sample",
-            ]
+            assert [p["step"] for p in event["processing"]] == ["enrich", "redact", "sample"]
             assert event["cost"]["total_usd"] > 0 and event["fingerprint"]
         assert re.search(rf"summary: sent={n} captured={n} produced={n} delivered={n}", stderr)
 

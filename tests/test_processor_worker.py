@@ -69,8 +69,7 @@ class TestProcessorWorker:
         decoded = [decode(r.value) for r in delivered]
         assert sorted(e["request_id"] for e in decoded) == sorted(e["request_id"] for e in good)
         assert all(
-            [p["step"] for p in e["processing"]] == ["enrich", "redact", "sample"]
-            for e in decoded
+            [p["step"] for p in e["processing"]] == ["enrich", "redact", "sample"] for e in decoded
         )
 
         dead = run(consume(bootstrap, settings.kafka.dlq_topic, 3))

@@ -50,12 +50,7 @@ class TestRedactCli:
         text = out.read_text()
         assert "sk-proj" not in text and "ann@example.com" not in text and "555 2671" not in text
         assert lines[0]["ts_ms"] == DYNAMO["ts_ms"] and lines[0]["usage"] == DYNAMO["usage"]
-        assert [p["step"] for p in lines[0]["processing"]] == [
-            "validate",
-            "enrich",
-            "redact",
-            "sample",
-        ]
+        assert [p["step"] for p in lines[0]["processing"]] == ["enrich", "redact", "sample"]
         assert b"5 line(s): 5 written" in result.stderr
 
     def test_malformed_lines_go_to_rejects_with_line_numbers(self, tmp_path: Path) -> None:

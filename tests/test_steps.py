@@ -120,7 +120,6 @@ class TestSample:
 class TestPipelineConfig:
     def test_default_chain(self) -> None:
         assert [getattr(s, "__name__", "") for s in chain_for({})] == [
-            "validate_step",
             "enrich",
             "redact",
             "sample",
