@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     broker.set_defaults(func=cmd_broker)
 
+    from auditpipe.schemas.compat import Mode
+
     schemas = sub.add_parser("schemas", help="schema versions and compatibility")
     schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)
     compat = schemas_sub.add_parser(
@@ -197,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         default="backward",
         type=str.upper,
-        choices=["NONE", "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE",
-                 "FULL", "FULL_TRANSITIVE"],  # fmt: skip
+        choices=[m.value for m in Mode],
         help="Confluent compatibility type (default: BACKWARD)",
     )
     compat.set_defaults(func=cmd_schemas_compat)

@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import fastavro
+
 from auditpipe.errors import AuditpipeError
 
 from . import compat
@@ -90,6 +92,10 @@ class FileRegistry:
             if any(v.version == number for v in versions):
                 raise SchemaError(f"{where}: version {number} is listed twice")
             schema = compat.load(self.directory / str(file))
+            try:  # the codec reads with fastavro: a schema it refuses cannot be published
+                fastavro.parse_schema(schema.json, _write_hint=False)
+            except Exception as exc:
+                raise SchemaError(f"{schema.source}: {type(exc).__name__}: {exc}") from None
             versions.append(Version(number, sid, str(file), schema))
         if not versions:
             raise SchemaError(f"{manifest_path}: no versions")
