@@ -6,6 +6,7 @@
     auditpipe broker [--port PORT]                                 the embedded broker alone
     auditpipe schemas compat OLD.avsc [OLD...] NEW.avsc [--mode M] can NEW follow OLD?
     auditpipe schemas check [--dir DIR]                            every version, FULL_TRANSITIVE
+    auditpipe schemas register [--config FILE]                     publish them to [registry] url
 
 Exit codes: 0 success, 1 the job failed (the message says what is missing), 2 bad usage or
 configuration (the message names the key), 130 interrupted.
@@ -154,6 +155,24 @@ def cmd_schemas_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_schemas_register(args: argparse.Namespace) -> int:
+    """Register every file version under ``[registry] subject`` at ``[registry] url``."""
+    from auditpipe.schemas.registry import ConfluentRegistry, FileRegistry
+
+    settings = _settings(args)
+    reg = settings.registry
+    if not reg.url:
+        raise ConfigError(
+            f"{_origin(args)}: [registry] url is not set (the file registry needs no registering)"
+        )
+    files = FileRegistry()
+    registry = ConfluentRegistry.from_url(reg.url, reg.subject)
+    ids = registry.sync(files, reg.compatibility)  # RegistryError (exit 1) names what failed
+    for v in files.versions:
+        print(f"{reg.subject} version {v.version} ({v.file}): id {ids[v.id]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auditpipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="WARNING", help="log level for stderr (WARNING)")
@@ -208,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--dir", help="directory with registry.json (default: the installed one)")
     check.set_defaults(func=cmd_schemas_check)
+    register = schemas_sub.add_parser(
+        "register", help="register every version at the Confluent Schema Registry of [registry]"
+    )
+    register.add_argument("--config", help="settings file (TOML) with a [registry] table")
+    register.set_defaults(func=cmd_schemas_register)
     return parser
 
 

@@ -213,7 +213,9 @@ class ConfluentRegistry:
         schema = self._call(f"get schema id {schema_id}", self.client.get_schema, schema_id)
         return compat.parse(json.loads(schema.schema_str), f"schema id {schema_id}")
 
-    def sync(self, files: FileRegistry | None = None) -> dict[int, int]:
+    def sync(
+        self, files: FileRegistry | None = None, mode: Mode | str = Mode.FULL_TRANSITIVE
+    ) -> dict[int, int]:
         """Register every file version in order; ``{file id: registry id}``, all equal.
 
         Raises :class:`RegistryError` when the registry assigned an id that differs from
@@ -222,7 +224,7 @@ class ConfluentRegistry:
         files = files or FileRegistry()
         ids: dict[int, int] = {}
         for v in files.versions:
-            sid = self.register(v.schema)
+            sid = self.register(v.schema, mode)
             if sid != v.id:
                 raise RegistryError(
                     f"schema registry gave {v.file} (version {v.version}) id {sid}, but "

@@ -1,0 +1,97 @@
+"""Wire interop with confluent-kafka's Avro serdes: our bytes are theirs and theirs are ours."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from auditpipe.schemas import Event, decode, encode, new_event
+from auditpipe.schemas.registry import ConfluentRegistry, FileRegistry
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+SUBJECT = "auditpipe.AuditEvent"
+CTX = SerializationContext("auditpipe.events", MessageField.VALUE)
+
+
+@pytest.fixture
+def client() -> Any:
+    """A mock Schema Registry holding our versions under their registry.json ids."""
+    client = SchemaRegistryClient.new_client({"url": "mock://interop"})
+    assert ConfluentRegistry(client, SUBJECT).sync() == {1: 1, 2: 2}
+    return client
+
+
+def event() -> Event:
+    return new_event(
+        request_id="req-interop",
+        endpoint="/v1/chat/completions",
+        model="m",
+        status_code=200,
+        metadata={"ticket": "SN-1"},
+        input={"messages": [{"role": "user", "content": "héllo"}]},
+        output={"choices": [{"message": {"role": "assistant", "content": "hi"}}]},
+        usage={"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        tenant="acme",
+        tags={"env": "test"},
+        cost={"input_usd": 0.1, "output_usd": 0.2, "total_usd": 0.3, "estimated": False},
+    )
+
+
+def as_avro_record(e: Event) -> dict[str, Any]:
+    """The Avro record of an event: input/output are JSON text on the wire."""
+    return {
+        **e,
+        "input": orjson.dumps(e["input"]).decode(),
+        "output": orjson.dumps(e["output"]).decode(),
+    }
+
+
+def serializer(client: Any, schema_id: int) -> AvroSerializer:
+    """Their serializer, writing with the schema registered under ``schema_id``."""
+    text = client.get_schema(schema_id).schema_str
+    return AvroSerializer(
+        client,
+        text,
+        conf={
+            "auto.register.schemas": False,
+            "subject.name.strategy": lambda ctx, record_name: SUBJECT,
+        },
+    )
+
+
+class TestOurBytesTheirDeserializer:
+    def test_latest_version_decodes_with_avro_deserializer(self, client: Any) -> None:
+        e = event()
+        record = AvroDeserializer(client)(encode(e), CTX)
+        assert record == as_avro_record(e)
+
+    def test_v1_bytes_read_as_v2_by_their_deserializer(self, client: Any) -> None:
+        """Their resolution against our v1 bytes fills v2's defaults, as our codec does."""
+        e = event()
+        v1_fields = {f["name"] for f in FileRegistry().by_id(1).schema.json["fields"]}
+        v2_text = json.dumps(FileRegistry().by_id(2).schema.json)
+        record = AvroDeserializer(client, v2_text)(encode(e, schema_id=1), CTX)
+        assert record["tenant"] is None and record["tags"] == {} and record["cost"] is None
+        assert {k: record[k] for k in v1_fields} == {k: as_avro_record(e)[k] for k in v1_fields}
+
+
+class TestTheirBytesOurCodec:
+    def test_avro_serializer_output_decodes_with_our_codec(self, client: Any) -> None:
+        e = event()
+        data = serializer(client, 2)(as_avro_record(e), CTX)
+        assert data[:5] == b"\x00\x00\x00\x00\x02"
+        assert decode(data) == e
+
+    def test_their_v1_bytes_decode_into_v2_and_into_a_v1_reader(self, client: Any) -> None:
+        e = event()
+        v1_fields = {f["name"] for f in FileRegistry().by_id(1).schema.json["fields"]}
+        v1_record = {k: v for k, v in as_avro_record(e).items() if k in v1_fields}
+        data = serializer(client, 1)(v1_record, CTX)
+        assert data[:5] == b"\x00\x00\x00\x00\x01"
+        as_v2 = decode(data)
+        assert as_v2["tenant"] is None and as_v2["cost"] is None and as_v2["input"] == e["input"]
+        assert decode(data, reader_schema_id=1) == {k: e[k] for k in v1_fields}
