@@ -137,11 +137,40 @@ def _to_avro_record(event: Event) -> dict[str, Any]:
     return record
 
 
+@cache
+def _nullable_branches(schema_id: int) -> tuple[tuple[str, str], ...]:
+    """``(field, branch name)`` of each top-level ``["null", X]`` field of the schema."""
+    out = []
+    for f in schema_by_id(schema_id)["fields"]:
+        t = f["type"]
+        if isinstance(t, list) and len(t) == 2 and t[0] == "null":
+            out.append((f["name"], t[1] if isinstance(t[1], str) else t[1]["name"]))
+    return tuple(out)
+
+
+def _to_wire_record(event: Event, schema_id: int) -> dict[str, Any]:
+    """The Avro record, with non-null union values tagged with their branch.
+
+    fastavro's tuple notation ``(branch, value)`` tells the writer which branch to write instead
+    of letting it try every branch against the value, which costs about a fifth of the encode
+    time of a typical event and three quarters of its validation, where every failed branch
+    formats an error message (benchmarks/codec_bench.py). A value of the wrong type still fails,
+    and :func:`validate` names the field.
+    """
+    record = _to_avro_record(event)
+    for name, branch in _nullable_branches(schema_id):
+        value = record.get(name)
+        if value is not None:
+            record[name] = (branch, value)
+    return record
+
+
 def validate(event: Event, schema_id: int | None = None) -> None:
     """Raise :class:`EventValidationError` naming the first field that does not fit the schema."""
-    schema = schema_by_id(schema_id or latest_schema_id())
-    try:
-        fastavro.validation.validate(_to_avro_record(event), schema, raise_errors=True)
+    sid = schema_id or latest_schema_id()
+    schema = schema_by_id(sid)
+    try:  # tagged unions: fastavro no longer tries (and formats an error for) each branch
+        fastavro.validation.validate(_to_wire_record(event, sid), schema, raise_errors=True)
     except fastavro.validation.ValidationError as exc:
         raise EventValidationError(f"invalid AuditEvent: {_describe_validation(exc)}") from exc
 
@@ -166,7 +195,7 @@ def encode(event: Event, schema_id: int | None = None) -> bytes:
     buf = io.BytesIO()
     buf.write(_HEADER.pack(MAGIC, sid))
     try:
-        fastavro.schemaless_writer(buf, schema, _to_avro_record(event))
+        fastavro.schemaless_writer(buf, schema, _to_wire_record(event, sid))
     except EventValidationError:
         raise
     except Exception as exc:  # fastavro raises TypeError/ValueError/KeyError/AttributeError
