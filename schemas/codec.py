@@ -71,6 +71,7 @@ def schema_by_id(schema_id: int) -> dict[str, Any]:
     raise KeyError(schema_id)
 
 
+@cache
 def latest_schema_id() -> int:
     return int(max(_manifest()["versions"], key=lambda e: e["version"])["id"])
 
