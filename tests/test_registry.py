@@ -133,3 +133,23 @@ class TestRegisterCommand:
         config.write_text("[registry]\n")
         assert main(["schemas", "register", "--config", str(config)]) == 2
         assert "[registry] url is not set" in capsys.readouterr().err
+
+
+class TestServerSideCheck:
+    def test_server_compatible_asks_the_registry_with_the_subject_and_schema(self) -> None:
+        """The mock client has no compatibility endpoint, so a recording stand-in answers."""
+
+        class Client:
+            def __init__(self) -> None:
+                self.calls: list[tuple[str, Any]] = []
+
+            def test_compatibility(self, subject: str, schema: Schema) -> bool:
+                self.calls.append((subject, schema))
+                return False
+
+        client = Client()
+        registry = ConfluentRegistry(client, SUBJECT)
+        assert registry.server_compatible(FileRegistry().latest.schema) is False
+        [(subject, schema)] = client.calls
+        assert subject == SUBJECT and schema.schema_type == "AVRO"
+        assert json.loads(schema.schema_str) == FileRegistry().latest.schema.json
