@@ -140,12 +140,26 @@ def _to_avro_record(event: Event) -> dict[str, Any]:
 
 @cache
 def _nullable_branches(schema_id: int) -> tuple[tuple[str, str], ...]:
-    """``(field, branch name)`` of each top-level ``["null", X]`` field of the schema."""
+    """``(field, branch name)`` of each top-level ``["null", X]`` field of the schema.
+
+    X is named as fastavro's tuple notation names it: a named type by its full name, anything
+    else by its type. Arrays and maps are left out (their values need no tag to be cheap).
+    """
     out = []
     for f in schema_by_id(schema_id)["fields"]:
         t = f["type"]
-        if isinstance(t, list) and len(t) == 2 and t[0] == "null":
-            out.append((f["name"], t[1] if isinstance(t[1], str) else t[1]["name"]))
+        if not (isinstance(t, list) and len(t) == 2 and t[0] == "null"):
+            continue
+        branch = t[1]
+        if isinstance(branch, dict):
+            kind = branch.get("type")
+            if kind in ("record", "error", "enum", "fixed"):
+                branch = branch["name"]
+            elif isinstance(kind, str) and kind not in ("array", "map"):
+                branch = kind  # a primitive with a logical type
+            else:
+                continue
+        out.append((f["name"], branch))
     return tuple(out)
 
 

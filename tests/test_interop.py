@@ -133,3 +133,50 @@ class TestPlainAvro:
         assert named in str(info.value)
         with pytest.raises(EventValidationError, match=re.escape(named)):
             validate(e)
+
+    def test_branch_tags_fit_every_kind_of_nullable_field(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Logical, enum, fixed and named-reference branches are tagged; arrays are not."""
+        import io
+
+        import fastavro
+        from auditpipe.schemas import codec
+
+        schema = fastavro.parse_schema(
+            {
+                "type": "record",
+                "name": "T",
+                "namespace": "x",
+                "fields": [
+                    {
+                        "name": "a",
+                        "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}],
+                    },
+                    {
+                        "name": "b",
+                        "type": ["null", {"type": "enum", "name": "E", "symbols": ["A"]}],
+                    },
+                    {"name": "c", "type": ["null", {"type": "fixed", "name": "F", "size": 2}]},
+                    {"name": "d", "type": ["null", "E"]},
+                    {"name": "e", "type": ["null", {"type": "array", "items": "int"}]},
+                ],
+            }
+        )
+        monkeypatch.setattr(codec, "schema_by_id", lambda _sid: schema)
+        codec._nullable_branches.cache_clear()
+        try:
+            record = {"a": 5, "b": "A", "c": b"ab", "d": "A", "e": [1]}
+            tagged = codec._to_wire_record(record, 99)
+        finally:
+            codec._nullable_branches.cache_clear()
+        assert {k: v for k, v in tagged.items() if isinstance(v, tuple)} == {
+            "a": ("long", 5), "b": ("x.E", "A"), "c": ("x.F", b"ab"), "d": ("x.E", "A")
+        }  # fmt: skip
+
+        def write(r: dict[str, Any]) -> bytes:
+            buf = io.BytesIO()
+            fastavro.schemaless_writer(buf, schema, r)
+            return buf.getvalue()
+
+        assert write(tagged) == write(record)
