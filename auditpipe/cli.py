@@ -5,6 +5,9 @@
     auditpipe sink NAME [--config FILE] | auditpipe sink --list   a sink consumer
     auditpipe redact [--config FILE] [INPUT|-] [-o OUTPUT|-] [--rejects FILE]
     auditpipe broker [--port PORT]                                 the embedded broker alone
+    auditpipe schemas compat OLD.avsc [OLD...] NEW.avsc [--mode M] can NEW follow OLD?
+    auditpipe schemas check [--dir DIR]                            every version, FULL_TRANSITIVE
+    auditpipe schemas register [--config FILE]                     publish them to [registry] url
 
 Exit codes: 0 success, 1 the job failed (the message says what is missing), 2 bad usage or
 configuration (the message names the key), 3 `redact` rejected some lines, 130 interrupted.
@@ -146,6 +149,68 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schemas_compat(args: argparse.Namespace) -> int:
+    """Exit 0 compatible, 1 not (each problem printed with its path), 2 unreadable schema."""
+    from auditpipe.schemas import compat
+
+    if len(args.files) < 2:
+        print("auditpipe schemas compat: give OLD.avsc [OLD...] NEW.avsc", file=sys.stderr)
+        return 2
+    try:
+        schemas = [compat.load(path) for path in args.files]
+        mode = compat.Mode(args.mode.upper())
+    except compat.SchemaError as exc:
+        print(f"auditpipe: invalid schema: {exc}", file=sys.stderr)
+        return 2
+    *old, new = schemas
+    problems = compat.check(new, old, mode)
+    for p in problems:
+        print(f"{p} (reader {p.reader}, writer {p.writer})")
+    olds = ", ".join(s.source for s in old)
+    if problems:
+        print(f"{new.source} is NOT {mode} compatible with {olds}", file=sys.stderr)
+        return 1
+    print(f"{new.source} is {mode} compatible with {olds}", file=sys.stderr)
+    return 0
+
+
+def cmd_schemas_check(args: argparse.Namespace) -> int:
+    """Every version in registry.json against all earlier ones under FULL_TRANSITIVE."""
+    from auditpipe.schemas import compat
+    from auditpipe.schemas.registry import FileRegistry
+
+    try:
+        registry = FileRegistry(args.dir)
+    except compat.SchemaError as exc:
+        print(f"auditpipe: invalid schema registry: {exc}", file=sys.stderr)
+        return 2
+    problems = registry.check(compat.Mode.FULL_TRANSITIVE)
+    for p in problems:
+        print(f"{p} (reader {p.reader}, writer {p.writer})")
+    listing = ", ".join(f"v{v.version}=id {v.id}" for v in registry.versions)
+    verdict = "NOT FULL_TRANSITIVE compatible" if problems else "FULL_TRANSITIVE compatible"
+    print(f"{registry.subject} ({listing}): {verdict}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def cmd_schemas_register(args: argparse.Namespace) -> int:
+    """Register every file version under ``[registry] subject`` at ``[registry] url``."""
+    from auditpipe.schemas.registry import ConfluentRegistry, FileRegistry
+
+    settings = _settings(args)
+    reg = settings.registry
+    if not reg.url:
+        raise ConfigError(
+            f"{_origin(args)}: [registry] url is not set (the file registry needs no registering)"
+        )
+    files = FileRegistry()
+    registry = ConfluentRegistry.from_url(reg.url, reg.subject)
+    ids = registry.sync(files, reg.compatibility)  # RegistryError (exit 1) names what failed
+    for v in files.versions:
+        print(f"{reg.subject} version {v.version} ({v.file}): id {ids[v.id]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auditpipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="WARNING", help="log level for stderr (WARNING)")
@@ -189,6 +254,34 @@ def build_parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker alone")
     broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     broker.set_defaults(func=cmd_broker)
+
+    from auditpipe.schemas.compat import Mode
+
+    schemas = sub.add_parser("schemas", help="schema versions and compatibility")
+    schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)
+    compat = schemas_sub.add_parser(
+        "compat", help="check that the last schema file can follow the earlier ones"
+    )
+    compat.add_argument("files", nargs="+", metavar="FILE.avsc",
+                        help="previous version(s), oldest first, then the new one")  # fmt: skip
+    compat.add_argument(
+        "--mode",
+        default="backward",
+        type=str.upper,
+        choices=[m.value for m in Mode],
+        help="Confluent compatibility type (default: BACKWARD)",
+    )
+    compat.set_defaults(func=cmd_schemas_compat)
+    check = schemas_sub.add_parser(
+        "check", help="verify every version in registry.json under FULL_TRANSITIVE"
+    )
+    check.add_argument("--dir", help="directory with registry.json (default: the installed one)")
+    check.set_defaults(func=cmd_schemas_check)
+    register = schemas_sub.add_parser(
+        "register", help="register every version at the Confluent Schema Registry of [registry]"
+    )
+    register.add_argument("--config", help="settings file (TOML) with a [registry] table")
+    register.set_defaults(func=cmd_schemas_register)
     return parser
 
 

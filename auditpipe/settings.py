@@ -7,6 +7,7 @@ File layout (every table optional; unknown keys are rejected)::
     [processors] Faust worker                             -> ProcessorSettings
     [runner]     sink runner batching                     -> RunnerSettings
     [source]     service / instance names put on events  -> SourceSettings
+    [registry]   Confluent Schema Registry (optional)     -> RegistrySettings
     [sinks.NAME] the settings of sink NAME (validated by that sink's own model)
     [pipeline]   processor steps and [pipeline.STEP] tables (validated by auditpipe.processors)
 
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -75,11 +76,44 @@ class RunnerSettings(StrictModel):
     max_events: int = Field(500, ge=1)
     max_wait_secs: float = Field(0.2, ge=0)
     session_timeout_secs: float = Field(10.0, gt=0)
+    reader_schema_id: int | None = Field(
+        None,
+        ge=1,
+        description="decode every event into this schema id (e.g. 1 pins a v1 sink: fields "
+        "added later are dropped); unset: the latest version",
+    )
+
+    @field_validator("reader_schema_id")
+    @classmethod
+    def _known_schema_id(cls, value: int | None) -> int | None:
+        from auditpipe.schemas import known_schema_ids  # lazy: schemas imports this package
+
+        if value is not None and value not in known_schema_ids():
+            raise ValueError(f"unknown schema id {value} (known: {known_schema_ids()})")
+        return value
 
 
 class SourceSettings(StrictModel):
     service: str | None = None
     instance: str | None = Field(default_factory=socket.gethostname)
+
+
+class RegistrySettings(StrictModel):
+    url: str | None = Field(
+        None,
+        description="Confluent Schema Registry URL (`auditpipe schemas register`); unset: "
+        "the embedded file registry, schemas/registry.json, is the only one",
+    )
+    subject: str = "auditpipe.AuditEvent"
+    compatibility: Literal[
+        "NONE",
+        "BACKWARD",
+        "BACKWARD_TRANSITIVE",
+        "FORWARD",
+        "FORWARD_TRANSITIVE",
+        "FULL",
+        "FULL_TRANSITIVE",
+    ] = "FULL_TRANSITIVE"
 
 
 class Settings(StrictModel):
@@ -88,13 +122,14 @@ class Settings(StrictModel):
     processors: ProcessorSettings = Field(default_factory=ProcessorSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     source: SourceSettings = Field(default_factory=SourceSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     sinks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     pipeline: dict[str, Any] = Field(
         default_factory=dict, description="processor chain; validated by auditpipe.processors"
     )
 
 
-_TABLES = ("kafka", "producer", "processors", "runner", "source")
+_TABLES = ("kafka", "producer", "processors", "runner", "source", "registry")
 
 
 def load_settings(

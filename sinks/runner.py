@@ -122,7 +122,7 @@ class SinkRunner:
             for msg in msgs:
                 self.stats.received += 1
                 try:
-                    batch.append(decode(msg.value))
+                    batch.append(decode(msg.value, self.settings.runner.reader_schema_id))
                     sources.append(msg)
                 except DecodeError as exc:
                     dead.append((msg, "decode", exc.reason, exc))

@@ -1,0 +1,34 @@
+"""The benchmarks run and print what they promise (tiny sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class TestCodecBench:
+    def test_prints_medians_and_ratios_as_json(self) -> None:
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "codec_bench.py"),
+                "--events",
+                "20",
+                "--rounds",
+                "1",
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        assert 1900 <= out["event_json_bytes"] <= 2300
+        medians = out["ns_per_event_median"]
+        assert {"avro_encode", "orjson_encode", "avro_decode", "orjson_decode"} <= set(medians)
+        assert all(v > 0 for v in medians.values())
+        assert set(out["ratios"]) >= {"encode_avro_over_orjson", "decode_avro_over_orjson"}
