@@ -30,17 +30,21 @@ def write_config(settings: Settings, path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def worker(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
+def spawn_worker(
+    settings: Settings, tmp_path: Path, name: str = "worker"
+) -> subprocess.Popen[bytes]:
+    """`auditpipe process` as users run it, configured by a settings file."""
     config = write_config(settings, tmp_path / "auditpipe.toml")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITPIPE_")}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "auditpipe", "process", "--config", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "worker.log", "wb"),
+        stderr=open(tmp_path / f"{name}.log", "wb"),
     )
-    yield proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -48,6 +52,13 @@ def worker(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
+    proc = spawn_worker(settings, tmp_path)
+    yield proc
+    stop(proc)
 
 
 class TestProcessorWorker:
@@ -82,3 +93,73 @@ class TestProcessorWorker:
     def test_sigterm_stops_the_worker(self, worker: subprocess.Popen[bytes]) -> None:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) in (0, -signal.SIGTERM)
+
+
+class TestWorkerKilled:
+    def test_kill_9_mid_stream_then_restart_delivers_every_event(
+        self, settings: Settings, tmp_path: Path
+    ) -> None:
+        """SIGKILL a worker while it forwards a stream; a new one delivers the rest.
+
+        Duplicates are allowed (at-least-once) and counted; missing events are not.
+        """
+        import asyncio
+
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+        n = 3000
+        bootstrap = settings.kafka.bootstrap or ""
+        first = spawn_worker(settings, tmp_path, "first")
+        second: subprocess.Popen[bytes] | None = None
+
+        async def scenario() -> tuple[dict[str, int], int]:
+            nonlocal second
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+            consumer = AIOKafkaConsumer(
+                settings.kafka.events_topic,
+                bootstrap_servers=bootstrap,
+                group_id=f"reader-{settings.kafka.events_topic}",
+                auto_offset_reset="earliest",
+                session_timeout_ms=3000,
+                heartbeat_interval_ms=500,
+            )
+            await producer.start()
+            await consumer.start()
+            seen: dict[str, int] = {}
+            sent = 0
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 120
+            try:
+                while len(seen) < n:
+                    assert loop.time() < deadline, f"only {len(seen)}/{n} delivered"
+                    if sent < n:  # a steady stream, 100 events per round
+                        for i in range(sent, min(n, sent + 100)):
+                            await producer.send(
+                                settings.kafka.raw_topic, encode(new_event(request_id=f"k{i}"))
+                            )
+                        sent = min(n, sent + 100)
+                    batch = await consumer.getmany(timeout_ms=100)
+                    for msgs in batch.values():
+                        for m in msgs:
+                            rid = decode(m.value)["request_id"]
+                            seen[rid] = seen.get(rid, 0) + 1
+                    if second is None and len(seen) >= n // 4:
+                        first.kill()  # SIGKILL: no flush, no commit, no LeaveGroup
+                        first.wait()
+                        second = spawn_worker(settings, tmp_path, "second")
+            finally:
+                await producer.stop()
+                await consumer.stop()
+            return seen, sent
+
+        try:
+            seen, _ = run(scenario())
+        finally:
+            stop(first)
+            if second is not None:
+                stop(second)
+        duplicates = sum(seen.values()) - len(seen)
+        print(f"kill -9 test: {len(seen)} delivered, {duplicates} duplicate(s)")
+        assert second is not None, "the first worker was never killed"
+        assert first.returncode == -signal.SIGKILL
+        assert set(seen) == {f"k{i}" for i in range(n)}
