@@ -41,6 +41,8 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         "topic_replication_factor": kafka.replication_factor,
         "producer_acks": -1,
         "producer_compression_type": "gzip",
+        "producer_linger": 0.005,
+        "producer_max_batch_size": 1 << 20,
         "broker_session_timeout": proc.session_timeout_secs,
         "broker_heartbeat_interval": proc.heartbeat_interval_secs,
         "web_enabled": proc.web_port is not None,
@@ -52,8 +54,9 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
     app = faust.App(proc.app_id, **options)
 
     raw = app.topic(kafka.raw_topic, value_type=bytes, key_type=bytes)
-    events = app.topic(kafka.events_topic, value_type=bytes, key_type=bytes)
-    dlq = app.topic(kafka.dlq_topic, value_type=bytes, key_type=bytes)
+    # declared so that Faust knows (and can create) them; records go out via app.producer
+    app.topic(kafka.events_topic, value_type=bytes, key_type=bytes)
+    app.topic(kafka.dlq_topic, value_type=bytes, key_type=bytes)
     steps = chain_for(settings.pipeline)
 
     async def deliver(outcomes: list[Outcome]) -> None:
@@ -61,9 +64,10 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         backoff = 0.1
         while pending:
             futures = []
+            send = app.producer.send  # the transport's producer: no per-message channel machinery
             for o in pending:
-                target = events if o.kind == "forward" else dlq
-                futures.append(await target.send(key=o.key, value=o.value, headers=o.headers))
+                topic = kafka.events_topic if o.kind == "forward" else kafka.dlq_topic
+                futures.append(await send(topic, o.key, o.value, None, None, o.headers or None))
             results = await asyncio.gather(*futures, return_exceptions=True)
             failed = [
                 o for o, r in zip(pending, results, strict=True) if isinstance(r, BaseException)

@@ -1,0 +1,214 @@
+"""Events/s through one processor worker (default chain) vs a raw aiokafka passthrough.
+
+    .venv/bin/python benchmarks/processor_bench.py [--events N] [--rounds R]
+
+Each round, on the same broker (the embedded one unless AUDITPIPE_KAFKA_BOOTSTRAP is set):
+
+- ``passthrough``: a plain aiokafka consumer reads N pre-produced ~2 KB events from a topic and
+  produces each to another topic (acks=all), no decoding: the ceiling for this broker.
+- ``worker``: `auditpipe process` (enrich, redact, sample) reads the same N events from its
+  raw topic and forwards them to its events topic.
+- ``chain_in_process``: the same steps called in a loop without Kafka (where the time goes).
+
+Rates are measured from the first record out to the last one out, so group joins and process
+start-up are not counted. Prints one JSON object: medians over the rounds and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from auditpipe.processors import chain_for, process_record
+from auditpipe.schemas import encode, new_event
+from codec_bench import sample_event
+
+from auditpipe.broker import kafka_bootstrap
+from auditpipe.kafka import ensure_topics
+from auditpipe.settings import load_settings
+
+PARTITIONS = 3
+
+
+def events(n: int) -> list[bytes]:
+    base = sample_event()
+    out = []
+    for i in range(n):
+        e = dict(base, event_id=new_event()["event_id"], request_id=f"bench-{i}")
+        out.append(encode(e))
+    return out
+
+
+async def fill(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, v) for v in values]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def consumer(bootstrap: str, topic: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"bench-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+        max_poll_records=2000,
+        fetch_max_bytes=16 << 20,
+        max_partition_fetch_bytes=8 << 20,
+    )
+
+
+async def passthrough(bootstrap: str, src: str, dst: str, n: int) -> float:
+    from auditpipe.kafka import install_init_producer_id_v3
+
+    install_init_producer_id_v3()
+    c = consumer(bootstrap, src)
+    p = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+        compression_type="gzip", max_batch_size=1 << 20,
+    )  # fmt: skip
+    await c.start()
+    await p.start()
+    try:
+        done = 0
+        first: float | None = None
+        while done < n:
+            batch = await c.getmany(timeout_ms=500)
+            futures = []
+            for msgs in batch.values():
+                for m in msgs:
+                    futures.append(await p.send(dst, m.value, key=m.key))
+            if futures:
+                first = first or time.perf_counter()
+                await asyncio.gather(*futures)
+                done += len(futures)
+        assert first is not None
+        return (n - 1) / (time.perf_counter() - first)
+    finally:
+        await c.stop()
+        await p.stop()
+
+
+async def drain(bootstrap: str, topic: str, n: int, timeout_secs: float) -> float:
+    c = consumer(bootstrap, topic)
+    await c.start()
+    try:
+        seen = 0
+        first: float | None = None
+        last = 0.0
+        deadline = time.monotonic() + timeout_secs
+        while seen < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker forwarded only {seen}/{n} events in {timeout_secs}s")
+            batch = await c.getmany(timeout_ms=500)
+            got = sum(len(m) for m in batch.values())
+            if got:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                seen += got
+        assert first is not None
+        return (n - 1) / (last - first) if last > first else float("inf")
+    finally:
+        await c.stop()
+
+
+def worker_rate(bootstrap: str, values: list[bytes], tmp: Path) -> float:
+    run_id = uuid.uuid4().hex[:8]
+    raw, out, dlq = f"bench-{run_id}.raw", f"bench-{run_id}.events", f"bench-{run_id}.dlq"
+    config = tmp / f"{run_id}.toml"
+    config.write_text(
+        f'[kafka]\nbootstrap = "{bootstrap}"\nraw_topic = "{raw}"\nevents_topic = "{out}"\n'
+        f'dlq_topic = "{dlq}"\npartitions = {PARTITIONS}\n'
+        f'[processors]\napp_id = "bench-{run_id}"\ndata_dir = "{tmp / run_id}"\n'
+        "session_timeout_secs = 3\nheartbeat_interval_secs = 0.5\n"
+    )
+    settings = load_settings(config, env={})
+    asyncio.run(ensure_topics(settings.kafka))
+    asyncio.run(fill(bootstrap, raw, values))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITPIPE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "auditpipe", "process", "--config", str(config)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        return asyncio.run(drain(bootstrap, out, len(values), timeout_secs=300))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def passthrough_rate(bootstrap: str, values: list[bytes]) -> float:
+    run_id = uuid.uuid4().hex[:8]
+    src, dst = f"pt-{run_id}.src", f"pt-{run_id}.dst"
+    settings = load_settings(env={})
+    kafka = settings.kafka.model_copy(
+        update={"bootstrap": bootstrap, "raw_topic": src, "events_topic": dst,
+                "dlq_topic": f"pt-{run_id}.dlq", "partitions": PARTITIONS}
+    )  # fmt: skip
+    asyncio.run(ensure_topics(kafka))
+    asyncio.run(fill(bootstrap, src, values))
+    return asyncio.run(passthrough(bootstrap, src, dst, len(values)))
+
+
+def chain_rate(values: list[bytes]) -> float:
+    chain = chain_for({})
+    started = time.perf_counter()
+    for i, v in enumerate(values):
+        process_record(None, v, topic="t", partition=0, offset=i, steps=chain)
+    return len(values) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    values = events(args.events)
+    rates: dict[str, list[float]] = {"passthrough": [], "worker": [], "chain_in_process": []}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        kafka_bootstrap(os.environ.get("AUDITPIPE_KAFKA_BOOTSTRAP")) as (bootstrap, _),
+    ):
+        for _ in range(args.rounds):
+            rates["passthrough"].append(passthrough_rate(bootstrap, values))
+            rates["worker"].append(worker_rate(bootstrap, values, Path(tmp)))
+            rates["chain_in_process"].append(chain_rate(values))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(
+        json.dumps(
+            {
+                "benchmark": "processor_throughput",
+                "events": args.events,
+                "rounds": args.rounds,
+                "event_avro_bytes": len(values[0]),
+                "events_per_sec_median": {k: round(v) for k, v in med.items()},
+                "events_per_sec_rounds": {k: [round(x) for x in v] for k, v in rates.items()},
+                "worker_vs_passthrough": round(med["worker"] / med["passthrough"], 3),
+                "worker_vs_chain_in_process": round(med["worker"] / med["chain_in_process"], 3),
+                "cpus": os.cpu_count(),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
