@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import tempfile
+from collections import Counter
 from typing import Any
 
 import faust
@@ -35,8 +36,9 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
     bootstrap = require_bootstrap(kafka)
     options: dict[str, Any] = {
         "broker": ",".join(f"kafka://{b.strip()}" for b in bootstrap.split(",")),
-        "value_serializer": "raw",
-        "key_serializer": "raw",
+        # JSON by default (the counts topic and table); the pipeline's topics are raw bytes
+        "value_serializer": "json",
+        "key_serializer": "json",
         "topic_partitions": kafka.partitions,
         "topic_replication_factor": kafka.replication_factor,
         "producer_acks": -1,
@@ -49,14 +51,49 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         "web_port": proc.web_port or 6066,
         "datadir": proc.data_dir or tempfile.mkdtemp(prefix="auditpipe-faust-"),
         "consumer_auto_offset_reset": "earliest",
+        "table_standby_replicas": 0,  # standbys would make workers double-report counts
     }
     options.update(overrides)
     app = faust.App(proc.app_id, **options)
 
-    raw = app.topic(kafka.raw_topic, value_type=bytes, key_type=bytes)
+    raw = app.topic(
+        kafka.raw_topic,
+        value_type=bytes,
+        key_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    stats = WorkerStats()
+    # Per-model and per-tenant event counts: a Faust table fed by a small keyed topic, so each
+    # key is counted on the worker that owns its partition and survives restarts (changelog).
+    counts_topic = app.topic(
+        f"{proc.app_id}-counts",
+        key_type=str,
+        partitions=kafka.partitions,
+        internal=True,  # created by the worker with exactly these partitions (like the table's)
+    )
+    counts = app.Table(
+        "counts",
+        default=int,
+        key_type=str,
+        value_type=int,
+        partitions=kafka.partitions,
+    )
+
+    @app.agent(counts_topic, name="auditpipe.count")
+    async def count(stream: faust.StreamT[int]) -> None:
+        async for key, n in stream.items():
+            counts[key] += n
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        return web.text(render_metrics(stats, dict(counts.items())), content_type="text/plain")
+
     # declared so that Faust knows (and can create) them; records go out via app.producer
-    app.topic(kafka.events_topic, value_type=bytes, key_type=bytes)
-    app.topic(kafka.dlq_topic, value_type=bytes, key_type=bytes)
+    for name in (kafka.events_topic, kafka.dlq_topic):
+        app.topic(
+            name, value_type=bytes, key_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
     steps = chain_for(settings.pipeline)
 
     async def deliver(outcomes: list[Outcome]) -> None:
@@ -96,6 +133,9 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
                     for e in batch
                 ]
                 await deliver(outcomes)
+                stats.observe(outcomes)
+                for dim_key, n in batch_counts(outcomes).items():
+                    await counts_topic.send(key=dim_key, value=n)
             except Exception:
                 # Leaving this loop with an error would let Faust ack the batch (take_events
                 # acks in a finally) and keep a worker without an agent running. Die instead:
@@ -105,6 +145,54 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
                 os._exit(70)
 
     return app
+
+
+class WorkerStats:
+    """Process-local counters of outcomes (forwarded, dead-lettered, dropped by reason)."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+
+    def observe(self, outcomes: list[Outcome]) -> None:
+        for o in outcomes:
+            self.outcomes[(o.kind, o.reason if o.kind != "forward" else "")] += 1
+
+
+def batch_counts(outcomes: list[Outcome]) -> Counter[str]:
+    """``model:NAME`` and ``tenant:NAME`` counts of the forwarded outcomes of one batch."""
+    out: Counter[str] = Counter()
+    for o in outcomes:
+        if o.kind == "forward":
+            model, tenant = o.dimensions
+            out[f"model:{model or ''}"] += 1
+            if tenant:
+                out[f"tenant:{tenant}"] += 1
+    return out
+
+
+def render_metrics(stats: WorkerStats, counts: dict[str, int]) -> str:
+    """Prometheus text exposition of the worker's counters and its share of the counts table."""
+    lines = [
+        "# HELP auditpipe_processor_records_total Records by outcome (this worker).",
+        "# TYPE auditpipe_processor_records_total counter",
+    ]
+    for (kind, reason), n in sorted(stats.outcomes.items()):
+        lines.append(
+            f'auditpipe_processor_records_total{{outcome="{kind}",reason="{_esc(reason)}"}} {n}'
+        )
+    lines += [
+        "# HELP auditpipe_events_total Forwarded events per model and per tenant (counts table;"
+        " each worker reports the keys of the partitions it owns).",
+        "# TYPE auditpipe_events_total counter",
+    ]
+    for key, n in sorted(counts.items()):
+        dim, _, value = key.partition(":")
+        lines.append(f'auditpipe_events_total{{dimension="{dim}",value="{_esc(value)}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def run_worker(settings: Settings, loglevel: str = "warning") -> None:

@@ -26,6 +26,7 @@ class Outcome:
     value: bytes | None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     reason: str = ""
+    dimensions: tuple[str | None, str | None] = (None, None)  # (model, tenant) when forwarded
 
 
 def process_record(
@@ -60,7 +61,8 @@ def process_record(
     except Exception as exc:
         headers = dead_letter_headers("encode", "encode_failed", exc, topic, partition, offset)
         return Outcome("dead_letter", key, value, headers, "encode_failed")
-    return Outcome("forward", key or str(event["event_id"]).encode(), encoded)
+    dims = (event.get("model"), event.get("tenant"))
+    return Outcome("forward", key or str(event["event_id"]).encode(), encoded, dimensions=dims)
 
 
 def chain_for(pipeline: dict[str, object] | None, origin: str = "settings") -> list[Step]:

@@ -26,6 +26,7 @@ def write_config(settings: Settings, path: Path) -> Path:
         f'[processors]\napp_id = "{p.app_id}"\ndata_dir = "{p.data_dir}"\n'
         f"session_timeout_secs = {p.session_timeout_secs}\n"
         f"heartbeat_interval_secs = {p.heartbeat_interval_secs}\n"
+        + (f"web_port = {p.web_port}\n" if p.web_port else "")
     )
     return path
 
@@ -163,3 +164,48 @@ class TestWorkerKilled:
         assert second is not None, "the first worker was never killed"
         assert first.returncode == -signal.SIGKILL
         assert set(seen) == {f"k{i}" for i in range(n)}
+
+
+class TestWorkerMetrics:
+    def test_counts_per_model_and_tenant_are_served_as_prometheus_metrics(
+        self, settings: Settings, tmp_path: Path
+    ) -> None:
+        """The counts table and the outcome counters appear on the worker's /metrics page."""
+        import urllib.request
+
+        from auditpipe.broker import free_port
+
+        from .conftest import wait_until
+
+        port = free_port()
+        settings = settings.model_copy(
+            update={"processors": settings.processors.model_copy(update={"web_port": port})}
+        )
+        values = [encode(new_event(model="m-a", metadata={"tenant": "acme"})) for _ in range(7)]
+        values += [encode(new_event(model="m-b")) for _ in range(5)] + [b"garbage"]
+        run(produce(settings.kafka.bootstrap or "", settings.kafka.raw_topic, values))
+        proc = spawn_worker(settings, tmp_path)
+        try:
+
+            def page() -> str:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                        return str(r.read().decode())
+                except OSError:
+                    return ""
+
+            expected = [
+                'auditpipe_events_total{dimension="model",value="m-a"} 7',
+                'auditpipe_events_total{dimension="model",value="m-b"} 5',
+                'auditpipe_events_total{dimension="tenant",value="acme"} 7',
+                'auditpipe_processor_records_total{outcome="forward",reason=""} 12',
+                'auditpipe_processor_records_total{outcome="dead_letter",reason="bad_magic"} 1',
+            ]
+            text = wait_until(
+                lambda: (lambda t: t if all(e in t for e in expected) else "")(page()),
+                60,
+                "the counts on /metrics",
+            )
+            assert "# TYPE auditpipe_events_total counter" in text
+        finally:
+            stop(proc)
