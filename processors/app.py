@@ -27,6 +27,7 @@ log = logging.getLogger("auditpipe.processors")
 
 BATCH_MAX_EVENTS = 500
 BATCH_WITHIN_SECS = 0.05
+DELIVERY_ON_STOP_SECS = 10.0
 
 
 def create_app(settings: Settings, **overrides: Any) -> faust.App:
@@ -120,6 +121,9 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         async for batch in stream.take_events(  # type: ignore[attr-defined]
             BATCH_MAX_EVENTS, within=BATCH_WITHIN_SECS
         ):
+            # take_events acknowledges the batch when this body ends, however it ends. So the
+            # body ends only once every outcome was acknowledged by Kafka; otherwise the worker
+            # dies without committing, and a restarted worker gets the batch again.
             try:
                 outcomes = [
                     process_record(
@@ -132,15 +136,19 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
                     )
                     for e in batch
                 ]
-                await deliver(outcomes)
+                delivery = asyncio.ensure_future(deliver(outcomes))
+                try:
+                    await asyncio.shield(delivery)
+                except asyncio.CancelledError:  # worker stopping: finish this batch first
+                    await asyncio.wait_for(delivery, DELIVERY_ON_STOP_SECS)
+                    raise
                 stats.observe(outcomes)
                 for dim_key, n in batch_counts(outcomes).items():
                     await counts_topic.send(key=dim_key, value=n)
-            except Exception:
-                # Leaving this loop with an error would let Faust ack the batch (take_events
-                # acks in a finally) and keep a worker without an agent running. Die instead:
-                # the offsets stay uncommitted, so a restarted worker redelivers the batch.
-                log.critical("processor agent failed; exiting to get the batch redelivered")
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                log.critical("processor agent failed; exiting so the batch is redelivered")
                 logging.shutdown()
                 os._exit(70)
 

@@ -15,6 +15,7 @@ Settings::
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -58,11 +59,19 @@ def available_steps() -> dict[str, str]:
 
 
 def load_step_class(name: str) -> type[ProcessorStep]:
-    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-    if not matches:
-        names = ", ".join(sorted(available_steps())) or "none"
-        raise ConfigError(f"pipeline.steps: unknown step {name!r}; installed steps: {names}")
-    cls = matches[0].load()
+    """A step by entry point name, or by import path ``package.module:Class``."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"pipeline.steps: cannot import {name!r}: {exc}") from None
+    else:
+        matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not matches:
+            names = ", ".join(sorted(available_steps())) or "none"
+            raise ConfigError(f"pipeline.steps: unknown step {name!r}; installed steps: {names}")
+        cls = matches[0].load()
     if not (isinstance(cls, type) and issubclass(cls, ProcessorStep)):
         raise ConfigError(f"entry point {name!r} is not an auditpipe.processors step class")
     return cls
@@ -84,6 +93,7 @@ def build_chain(
     chain = []
     for name in config.steps:
         cls = load_step_class(name)
-        cfg = validate_model(cls.Config, step_tables.get(name) or {}, origin, f"pipeline.{name}")
+        table = step_tables.get(name) or step_tables.get(getattr(cls, "name", name)) or {}
+        cfg = validate_model(cls.Config, table, origin, f"pipeline.{name}")
         chain.append(cls(cfg))
     return chain

@@ -17,7 +17,7 @@ from auditpipe.settings import Settings
 from .kafkautil import consume, produce, run
 
 
-def write_config(settings: Settings, path: Path) -> Path:
+def write_config(settings: Settings, path: Path, steps: list[str] | None = None) -> Path:
     k, p = settings.kafka, settings.processors
     path.write_text(
         f'[kafka]\nbootstrap = "{k.bootstrap}"\nraw_topic = "{k.raw_topic}"\n'
@@ -27,15 +27,16 @@ def write_config(settings: Settings, path: Path) -> Path:
         f"session_timeout_secs = {p.session_timeout_secs}\n"
         f"heartbeat_interval_secs = {p.heartbeat_interval_secs}\n"
         + (f"web_port = {p.web_port}\n" if p.web_port else "")
+        + (f"[pipeline]\nsteps = {steps!r}\n".replace("'", '"') if steps is not None else "")
     )
     return path
 
 
 def spawn_worker(
-    settings: Settings, tmp_path: Path, name: str = "worker"
+    settings: Settings, tmp_path: Path, name: str = "worker", steps: list[str] | None = None
 ) -> subprocess.Popen[bytes]:
     """`auditpipe process` as users run it, configured by a settings file."""
-    config = write_config(settings, tmp_path / "auditpipe.toml")
+    config = write_config(settings, tmp_path / f"{name}.toml", steps)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITPIPE_")}
     return subprocess.Popen(
         [sys.executable, "-m", "auditpipe", "process", "--config", str(config)],
@@ -209,3 +210,25 @@ class TestWorkerMetrics:
             assert "# TYPE auditpipe_events_total counter" in text
         finally:
             stop(proc)
+
+
+class TestDeadAgent:
+    def test_an_agent_that_dies_takes_the_worker_down_and_loses_nothing(
+        self, settings: Settings, tmp_path: Path
+    ) -> None:
+        """An error escaping the agent exits the worker (code 70) without acking the batch;
+        a healthy worker started afterwards delivers the same events."""
+        bootstrap = settings.kafka.bootstrap or ""
+        values = [encode(new_event(request_id=f"d{i}")) for i in range(20)]
+        run(produce(bootstrap, settings.kafka.raw_topic, values))
+        doomed = spawn_worker(settings, tmp_path, "doomed", steps=["tests.crash_step:CrashStep"])
+        try:
+            assert doomed.wait(60) == 70
+        finally:
+            stop(doomed)
+        healthy = spawn_worker(settings, tmp_path, "healthy", steps=[])
+        try:
+            records = run(consume(bootstrap, settings.kafka.events_topic, 20, timeout_secs=60))
+        finally:
+            stop(healthy)
+        assert {decode(r.value)["request_id"] for r in records} == {f"d{i}" for i in range(20)}
