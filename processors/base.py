@@ -84,15 +84,16 @@ def build_chain(
     data = dict(pipeline or {})
     step_tables = {k: data.pop(k) for k in list(data) if k != "steps"}
     config = validate_model(PipelineConfig, data, origin, prefix="pipeline")
-    unknown = sorted(set(step_tables) - set(config.steps))
+    classes = [(name, load_step_class(name)) for name in config.steps]
+    known = set(config.steps) | {getattr(cls, "name", n) for n, cls in classes}
+    unknown = sorted(set(step_tables) - known)
     if unknown:
         raise ConfigError(
             f"{origin}: [pipeline.{unknown[0]}] configures a step that is not in pipeline.steps "
             f"({', '.join(config.steps)}); add it there or remove the table"
         )
     chain = []
-    for name in config.steps:
-        cls = load_step_class(name)
+    for name, cls in classes:
         table = step_tables.get(name) or step_tables.get(getattr(cls, "name", name)) or {}
         cfg = validate_model(cls.Config, table, origin, f"pipeline.{name}")
         chain.append(cls(cfg))
