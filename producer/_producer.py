@@ -266,6 +266,7 @@ class AuditProducer:
             if self._spool is not None:
                 self._spool.close()
             self._loop = None
+            _cancel_leftovers(loop)  # aiokafka tasks of a producer whose stop() timed out
             loop.close()
             self._ready.set()
 
@@ -594,3 +595,14 @@ async def _quiet_stop(producer: Any, timeout_secs: float) -> None:
         await asyncio.wait_for(producer.stop(), timeout_secs)
     except Exception as exc:
         log.debug("producer stop: %r", exc)
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        try:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        except Exception:
+            pass
