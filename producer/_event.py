@@ -160,7 +160,8 @@ def usage_of(output: Any) -> dict[str, int | None] | None:
 
 
 def error_of(output: Any, status: int | None, exc: BaseException | None) -> dict[str, str] | None:
-    if exc is not None:
+    body_error = isinstance(output, dict) and output.get("error") is not None
+    if exc is not None and not (status is not None and status >= 400 and body_error):
         return {"type": type(exc).__name__, "message": str(exc)[:2048]}
     if status is None or status < 400:
         return None

@@ -60,7 +60,7 @@ def wrap_openai(
         endpoint = f"{base_path}/{suffix}"
         wrapper = (
             _async_wrapper(original, producer, endpoint, metadata, force)
-            if inspect.iscoroutinefunction(original)
+            if inspect.iscoroutinefunction(inspect.unwrap(original))
             else _sync_wrapper(original, producer, endpoint, metadata, force)
         )
         wrapper.__auditpipe_wrapped__ = True
