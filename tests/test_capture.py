@@ -126,7 +126,7 @@ class TestOpenAIWrapper:
 class TestMetrics:
     def test_metrics_app_serves_the_counters(self, out: Any) -> None:
         """Mounted at /metrics: emitted, sent, dropped by reason, queue depth, latency."""
-        producer, sink = out
+        producer, _ = out
         record(producer, "/x", {}, {})
         assert producer.flush(10)
         producer._stats.dropped["spool_full"] += 2  # as the sender would count them
