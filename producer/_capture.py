@@ -47,7 +47,7 @@ class Capture:
         self._started = time.perf_counter()
         self._first: float | None = None
         self._done = False
-        x = Exchange(endpoint=endpoint, method=method, ts_ms=time.time_ns() // 1_000_000)
+        x = Exchange(endpoint, method, time.time_ns() // 1_000_000)
         x.request = input
         x.request_id = request_id or _event.new_request_id()
         x.model_hint = model
@@ -55,8 +55,7 @@ class Capture:
         x.headers = [(k.lower(), v) for k, v in (headers or {}).items()]
         x.forced = force
         x.trace_id, x.span_id = _event.current_trace()
-        if x.trace_id is None:
-            x.trace_id, x.span_id = _event.parse_traceparent(traceparent)
+        x.traceparent = traceparent
         self.exchange = x
 
     @property

@@ -8,13 +8,13 @@ own task (the middleware calls it before the app runs).
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from auditpipe.schemas import Event, new_event, new_event_id
+from auditpipe.schemas import Event, new_event
 
 from auditpipe.settings import ProducerSettings
 
@@ -47,7 +47,8 @@ _OTEL_AVAILABLE = importlib.util.find_spec("opentelemetry") is not None
 
 
 def new_request_id() -> str:
-    return new_event_id()
+    """A random id for requests that came without ``x-request-id`` (32 hex digits)."""
+    return os.urandom(16).hex()
 
 
 def parse_traceparent(value: str | None) -> tuple[str | None, str | None]:
@@ -78,10 +79,15 @@ def current_trace() -> tuple[str | None, str | None]:
     return None, None
 
 
-def filter_headers(headers: Iterable[tuple[str, str]], allowlist: frozenset[str]) -> dict[str, str]:
-    """Allowed request headers (names lower-cased); credentials never pass."""
+def filter_headers(
+    headers: Iterable[tuple[str | bytes, str | bytes]], allowlist: frozenset[str]
+) -> dict[str, str]:
+    """Allowed request headers (names lower-cased); credentials never pass. Accepts ASGI's
+    ``(bytes, bytes)`` pairs or strings."""
     out: dict[str, str] = {}
-    for name, value in headers:
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1") if isinstance(raw_name, bytes) else raw_name
+        value = raw_value.decode("latin-1") if isinstance(raw_value, bytes) else raw_value
         key = name.lower()
         if key in allowlist and key not in NEVER_RECORDED:
             out[key] = value
@@ -186,35 +192,47 @@ def parse_json(data: bytes) -> Any:
         return {"_auditpipe_non_json_body": True, "bytes": len(data)}
 
 
-@dataclass
 class Exchange:
-    """What a capture saw; :func:`build` turns it into an event on the sender thread."""
+    """What a capture saw; :func:`build` turns it into an event on the sender thread.
 
-    endpoint: str
-    method: str = "POST"
-    ts_ms: int = 0
-    request_id: str = ""
-    request: Any = None  # parsed body (dict) or None
-    request_bytes: bytes | None = None  # raw body, parsed lazily
-    response: Any = None
-    response_bytes: bytes | list[bytes] | None = None
-    response_is_sse: bool = False
-    response_is_json: bool = True
-    status: int | None = None
-    exc: BaseException | None = None
-    incomplete: bool = False
-    streamed: bool = False
-    chunks: list[Any] | None = None  # pre-parsed stream chunks (client wrapper)
-    extra_chunks: int = 0
-    collect_truncated: bool = False
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    trace_id: str | None = None
-    span_id: str | None = None
-    latency_ms: float | None = None
-    ttft_ms: float | None = None
-    model_hint: str | None = None
-    metadata: Any = None
-    forced: bool = False  # header x-auditpipe-store, or an explicit library capture
+    A plain slotted class: the middleware creates one per request, so it must be cheap.
+    """
+
+    __slots__ = (
+        "chunks", "collect_truncated", "endpoint", "exc", "extra_chunks", "forced", "headers",
+        "incomplete", "latency_ms", "metadata", "method", "model_hint", "request",
+        "request_bytes", "request_id", "response", "response_bytes", "response_is_json",
+        "response_is_sse", "span_id", "status", "streamed", "trace_id", "traceparent", "ts_ms",
+        "ttft_ms",
+    )  # fmt: skip
+
+    def __init__(self, endpoint: str, method: str = "POST", ts_ms: int = 0) -> None:
+        self.endpoint = endpoint
+        self.method = method
+        self.ts_ms = ts_ms
+        self.request_id = ""
+        self.request: Any = None  # parsed body (dict) or None
+        self.request_bytes: bytes | None = None  # raw body, parsed lazily
+        self.response: Any = None
+        self.response_bytes: bytes | list[bytes] | None = None
+        self.response_is_sse = False
+        self.response_is_json = True
+        self.status: int | None = None
+        self.exc: BaseException | None = None
+        self.incomplete = False
+        self.streamed = False
+        self.chunks: list[Any] | None = None  # pre-parsed stream chunks (client wrapper)
+        self.extra_chunks = 0
+        self.collect_truncated = False
+        self.headers: Iterable[tuple[str | bytes, str | bytes]] = ()
+        self.trace_id: str | None = None
+        self.span_id: str | None = None
+        self.traceparent: str | None = None
+        self.latency_ms: float | None = None
+        self.ttft_ms: float | None = None
+        self.model_hint: str | None = None
+        self.metadata: Any = None
+        self.forced = False  # header x-auditpipe-store, or an explicit library capture
 
 
 def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Event | None:
@@ -251,6 +269,8 @@ def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Even
         model = model or body["model"]
     if model is None and isinstance(output, dict) and isinstance(output.get("model_name"), str):
         model = output["model_name"]
+    if x.trace_id is None:
+        x.trace_id, x.span_id = parse_traceparent(x.traceparent)
     usage = usage_of(output)
     status = x.status if x.status is not None else (500 if x.exc is not None else None)
     error = error_of(output, status, x.exc)

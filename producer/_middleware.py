@@ -82,6 +82,7 @@ class AuditMiddleware:
         self.cfg = cfg.model_validate({**cfg.model_dump(), **updates}) if updates else cfg
         self.enabled = self.cfg.enabled and producer.enabled
         self._paths = compile_paths(self.cfg.capture_paths)
+        self._name_groups = [g for g in self._paths.groupindex if g.startswith("name__")]
         self.header_allowlist = frozenset(h.lower() for h in self.cfg.header_allowlist)
         self._capture_all = self.cfg.capture == "all"
         self._return_id = self.cfg.return_request_id
@@ -98,28 +99,23 @@ class AuditMiddleware:
             return
 
         started = time.perf_counter()
-        x = Exchange(endpoint=scope["path"], method=scope.get("method", "POST"))
-        x.ts_ms = time.time_ns() // 1_000_000
+        x = Exchange(scope["path"], scope.get("method", "POST"), time.time_ns() // 1_000_000)
         request_id = None
-        traceparent = None
-        headers: list[tuple[str, str]] = []
-        for raw_name, raw_value in scope.get("headers", ()):
-            name = raw_name.decode("latin-1").lower()
-            if name == "x-request-id":
-                request_id = raw_value.decode("latin-1")
-            elif name == "x-auditpipe-store":
-                x.forced = raw_value.strip().lower() in _STORE_TRUE
-            elif name == "traceparent":
-                traceparent = raw_value.decode("latin-1")
-            headers.append((name, raw_value.decode("latin-1")))
-        x.headers = headers
+        raw_headers = scope.get("headers") or ()
+        for name, value in raw_headers:  # ASGI header names are lower-case bytes
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+            elif name == b"x-auditpipe-store":
+                x.forced = value.strip().lower() in _STORE_TRUE
+            elif name == b"traceparent":
+                x.traceparent = value.decode("latin-1")
+        x.headers = raw_headers  # filtered and decoded on the sender thread
         x.request_id = request_id or _event.new_request_id()
         x.trace_id, x.span_id = _event.current_trace()
-        if x.trace_id is None:
-            x.trace_id, x.span_id = _event.parse_traceparent(traceparent)
-        for key, value in match.groupdict().items():
-            if value is not None and key.startswith("name__"):
-                x.model_hint = value
+        if self._name_groups:
+            for key in self._name_groups:
+                if match.group(key) is not None:
+                    x.model_hint = match.group(key)
         add_id = (b"x-request-id", x.request_id.encode("latin-1")) if self._return_id else None
 
         request_body: list[bytes] = []

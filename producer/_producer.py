@@ -51,6 +51,7 @@ log = logging.getLogger("auditpipe.producer")
 
 _DRAIN_BATCH = 512
 _REPLAY_BATCH = 2000
+_YIELD_EVERY = 4
 
 #: Upper bounds (seconds) of the send-latency histogram buckets.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -71,15 +72,15 @@ class ProducerStats:
     latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
 
-    def observe_latency(self, secs: float) -> None:
+    def observe_latency(self, secs: float, count: int = 1) -> None:
         i = 0
         for i, bound in enumerate(LATENCY_BUCKETS):  # noqa: B007
             if secs <= bound:
                 break
         else:
             i = len(LATENCY_BUCKETS)
-        self.latency_buckets[i] += 1
-        self.latency_sum += secs
+        self.latency_buckets[i] += count
+        self.latency_sum += secs * count
 
 
 class AuditProducer:
@@ -110,7 +111,11 @@ class AuditProducer:
         self._max_queue = cfg.queue_max_events
         self._buf: collections.deque[Item] = collections.deque()
         self._stats = ProducerStats()
-        self._pending: dict[int, tuple[float, bytes]] = {}
+        self._pending: dict[int, tuple[float, list[bytes]]] = {}  # aiokafka batches in flight
+        self._in_flight = 0  # events in those batches
+        self._last_progress = 0.0
+        self._rr = 0
+        self._work = 0
         self._seq = 0
         self._generation = 0
         self._spool: Spool | None = None
@@ -224,7 +229,7 @@ class AuditProducer:
             "dropped": dict(s.dropped),
             "skipped": dict(s.skipped),
             "queued": len(self._buf),
-            "in_flight": len(self._pending),
+            "in_flight": self._in_flight,
             "spool_bytes": spool.size_bytes if spool else 0,
             "spool_pending": 0 if spool is None or spool.empty else 1,
             "spool_corrupt_records": spool.corrupt_records if spool else 0,
@@ -310,6 +315,7 @@ class AuditProducer:
                     self._stats.dropped["capture_error"] += 1
                     log.debug("could not build audit event", exc_info=True)
                     continue
+                self._yield_gil()
                 if built is None:
                     self._stats.skipped["not_stored"] += 1
                     continue
@@ -327,8 +333,18 @@ class AuditProducer:
             if not src or (src.get("service") is None and src.get("instance") is None):
                 event["source"] = {"service": source.service, "instance": source.instance}
 
+    def _yield_gil(self) -> None:
+        """Let request threads run every few events: a thread that wants the GIL otherwise
+        waits for the interpreter's switch interval (5 ms), which is what a request would feel
+        while this thread encodes a backlog."""
+        self._work += 1
+        if self._work >= _YIELD_EVERY:
+            self._work = 0
+            time.sleep(0)
+
     def _encode(self, event: Event) -> bytes | None:
         self._stamp_source(event)
+        self._yield_gil()
         try:
             return encode(event)
         except EventValidationError as exc:
@@ -423,7 +439,7 @@ class AuditProducer:
                     continue
                 await self._idle_wait(0.05 if self._pending else None)
                 continue
-            if len(self._pending) >= cfg.max_in_flight_events:
+            if self._in_flight >= cfg.max_in_flight_events:
                 if spool is not None:
                     self._busy = True
                     self._spool_events(self._take(_DRAIN_BATCH))
@@ -439,6 +455,8 @@ class AuditProducer:
                 producer = None
         if producer is not None:
             await self._abandon(producer, final=True)
+        if self._spool is not None and self._buf:  # the stop deadline passed: keep them on disk
+            self._spool_events(self._take(len(self._buf)))
         self._kafka_up = False
 
     def _drained(self) -> bool:
@@ -447,10 +465,10 @@ class AuditProducer:
         return self._spool is None or self._spool.empty or not self._kafka_up
 
     def _stalled(self) -> bool:
+        """Unacknowledged sends and no acknowledgement for ``spill_after_ms``."""
         if not self._pending:
             return False
-        oldest = next(iter(self._pending.values()))[0]
-        return time.monotonic() - oldest > self._cfg.spill_after_ms / 1000
+        return time.monotonic() - self._last_progress > self._cfg.spill_after_ms / 1000
 
     def _spool_events(self, events: list[Event]) -> None:
         spool = self._spool
@@ -476,19 +494,50 @@ class AuditProducer:
             self._stats.spooled -= dropped
             self._stats.dropped[reason or "spool_error"] += dropped
 
+    async def _hand_over(
+        self, producer: Any, topic: str, values: list[bytes]
+    ) -> tuple[list[tuple[asyncio.Future[Any], list[bytes]]], list[bytes]]:
+        """Give ``values`` to aiokafka in record batches (one partition per batch, round robin).
+
+        Returns (futures with the values each covers, values not handed over because Kafka did
+        not take them within ``spill_after_ms``). Never raises.
+        """
+        handed: list[tuple[asyncio.Future[Any], list[bytes]]] = []
+        done = 0  # values[:done] are in aiokafka's hands
+        try:
+            async with asyncio.timeout(self._cfg.spill_after_ms / 1000):
+                partitions = sorted(await producer.partitions_for(topic))
+                while done < len(values):
+                    batch = producer.create_batch()
+                    i = done
+                    while i < len(values):
+                        v = values[i]
+                        if batch.append(key=_event_id_of(v), value=v, timestamp=None) is None:
+                            break
+                        i += 1
+                    if i == done:  # one record larger than a batch: let aiokafka size it
+                        v = values[i]
+                        fut = await producer.send(topic, v, key=_event_id_of(v))
+                        i += 1
+                    else:
+                        self._rr = (self._rr + 1) % len(partitions)
+                        part = partitions[self._rr]
+                        fut = await producer.send_batch(batch, topic, partition=part)
+                    handed.append((fut, values[done:i]))
+                    done = i
+        except Exception as exc:  # timeout waiting for metadata/buffer space, or a send error
+            log.debug("send interrupted: %r", exc)
+        return handed, values[done:]
+
     async def _send_batch(self, producer: Any, topic: str, events: list[Event]) -> bool:
         """Hand ``events`` to aiokafka. False when Kafka does not take them in time."""
         values = [v for v in (self._encode(e) for e in events) if v is not None]
-        i = 0
-        try:
-            async with asyncio.timeout(self._cfg.spill_after_ms / 1000):
-                for i, value in enumerate(values):  # noqa: B007
-                    fut = await producer.send(topic, value, key=_event_id_of(value))
-                    self._track(fut, value)
-                i = len(values)
-        except Exception as exc:  # timeout waiting for metadata/buffer space, or a send error
-            log.debug("send interrupted: %r", exc)
-            rest = values[i:]
+        if not self._pending:
+            self._last_progress = time.monotonic()
+        handed, rest = await self._hand_over(producer, topic, values)
+        for fut, covered in handed:
+            self._track(fut, covered)
+        if rest:
             if self._spool is not None:
                 for value in rest:
                     self._spool_value(value)
@@ -499,25 +548,36 @@ class AuditProducer:
             return False
         return True
 
-    def _track(self, fut: asyncio.Future[Any], value: bytes) -> None:
+    def _track(self, fut: asyncio.Future[Any], values: list[bytes]) -> None:
         self._seq += 1
-        self._pending[self._seq] = (time.monotonic(), value)
+        self._pending[self._seq] = (time.monotonic(), values)
+        self._in_flight += len(values)
         fut.add_done_callback(partial(self._on_delivery, self._seq, self._generation))
 
     def _on_delivery(self, seq: int, generation: int, fut: asyncio.Future[Any]) -> None:
         entry = self._pending.pop(seq, None)
         if entry is None or generation != self._generation:
             return  # abandoned: already spooled or counted
-        if not fut.cancelled() and fut.exception() is None:
-            self._stats.sent += 1
-            self._stats.observe_latency(time.monotonic() - entry[0])
+        sent_at, values = entry
+        self._in_flight -= len(values)
+        exc = None if fut.cancelled() else fut.exception()
+        if not fut.cancelled() and exc is None:
+            now = time.monotonic()
+            self._last_progress = now
+            self._stats.sent += len(values)
+            self._stats.observe_latency(now - sent_at, len(values))
             return
-        self._stats.failed += 1
-        if self._spool is not None:
-            self._spool_value(entry[1])
+        self._stats.failed += len(values)
+        if exc is not None and not getattr(exc, "retriable", True):
+            # Kafka refused these records (too large, invalid): retrying cannot help
+            self._stats.dropped["kafka_rejected"] += len(values)
+            log.warning("Kafka rejected %d event(s): %r", len(values), exc)
+        elif self._spool is not None:
+            for value in values:
+                self._spool_value(value)
             self._flush_spool()
         else:
-            self._stats.dropped["send_failed"] += 1
+            self._stats.dropped["send_failed"] += len(values)
 
     async def _abandon(self, producer: Any, final: bool = False) -> None:
         """Close ``producer``; what it still holds goes to the spool (or counts as dropped)."""
@@ -525,15 +585,17 @@ class AuditProducer:
         self._kafka_up = False
         self._generation += 1
         pending, self._pending = self._pending, {}
-        if not pending:
+        self._in_flight = 0
+        values = [v for _, vs in pending.values() for v in vs]
+        if not values:
             return
         if self._spool is not None:
-            for _, value in pending.values():
+            for value in values:
                 self._spool_value(value)
             self._flush_spool()
         else:
             reason = "stopped_unsent" if final else "send_failed"
-            self._stats.dropped[reason] += len(pending)
+            self._stats.dropped[reason] += len(values)
 
     async def _replay(self, producer: Any, topic: str) -> bool:
         """Send the next spool batch and wait for it. False (spool rewound) on failure."""
@@ -543,22 +605,26 @@ class AuditProducer:
         if not values:
             spool.commit(token)  # only corrupt bytes were left
             return True
-        futures = []
-        try:
-            async with asyncio.timeout(max(self._cfg.spill_after_ms / 1000, 5.0)):
-                for value in values:
-                    futures.append(await producer.send(topic, value, key=_event_id_of(value)))
-                results = await asyncio.gather(*futures, return_exceptions=True)
-        except Exception as exc:
-            log.debug("replay interrupted: %r", exc)
+        handed, rest = await self._hand_over(producer, topic, values)
+        results: list[Any] = []
+        if not rest:
+            try:
+                async with asyncio.timeout(max(self._cfg.spill_after_ms / 1000, 5.0)):
+                    results = await asyncio.gather(*(f for f, _ in handed), return_exceptions=True)
+            except Exception as exc:
+                log.debug("replay interrupted: %r", exc)
+                rest = values
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if rest or any(getattr(r, "retriable", True) for r in failed):
             spool.rewind()
             return False
-        if any(isinstance(r, BaseException) for r in results):
-            spool.rewind()
-            return False
+        rejected = sum(len(vs) for (_, vs), r in zip(handed, results, strict=True)
+                       if isinstance(r, BaseException))  # fmt: skip
+        if rejected:
+            self._stats.dropped["kafka_rejected"] += rejected
         spool.commit(token)
-        self._stats.replayed += len(values)
-        self._stats.sent += len(values)
+        self._stats.replayed += len(values) - rejected
+        self._stats.sent += len(values) - rejected
         return True
 
     async def _idle_wait(self, wait_secs: float | None) -> None:
