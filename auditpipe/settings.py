@@ -100,7 +100,10 @@ class ProducerSettings(StrictModel):
         True, description="add x-request-id to responses of captured paths when the app did not"
     )
     max_payload_bytes: int = Field(
-        1_048_576, ge=256, description="cap of input and of output (JSON bytes) on an event"
+        262_144,
+        ge=256,
+        description="cap of input and of output (JSON bytes) on an event; the default keeps "
+        "events under Kafka's default 1 MB message limit",
     )
     when_full: Literal["spool", "drop_newest", "block"] = Field(
         "spool", description="what happens when Kafka is unreachable or slower than traffic"

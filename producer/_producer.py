@@ -363,6 +363,7 @@ class AuditProducer:
             if not self._accepting and deadline is None:
                 deadline = time.monotonic() + self._cfg.stop_timeout_secs
             stream = self._stream or sys.stdout
+            self._busy = True
             lines = []
             for event in self._take(_DRAIN_BATCH):
                 self._stamp_source(event)
@@ -376,6 +377,7 @@ class AuditProducer:
                 self._stats.sent += len(lines)
             except Exception:
                 self._stats.dropped["stdout_error"] += len(lines)
+            self._busy = False
 
     # -- Kafka ---------------------------------------------------------------------------------
 
