@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
-from auditpipe.schemas import Event, new_event
+from auditpipe.schemas import Event, new_event, new_event_id
 
 from auditpipe.settings import ProducerSettings
 
@@ -235,6 +235,28 @@ class Exchange:
         self.forced = False  # header x-auditpipe-store, or an explicit library capture
 
 
+_TEMPLATE: Event = {}
+_MUTABLE: tuple[str, ...] = ()
+
+
+def _event(**fields: Any) -> Event:
+    """``new_event(**fields)`` for the sender's hot path: the schema defaults are computed once
+    (mutable ones copied per event) instead of per call. Field names are this module's own."""
+    global _TEMPLATE, _MUTABLE
+    if not _TEMPLATE:
+        template = new_event()
+        for key in ("event_id", "ts_ms", "request_id", "endpoint"):
+            template.pop(key)
+        _MUTABLE = tuple(k for k, v in template.items() if isinstance(v, dict | list))
+        _TEMPLATE = template
+    event = dict(_TEMPLATE)
+    for key in _MUTABLE:
+        event[key] = _TEMPLATE[key].copy()
+    event.update(fields)
+    event["event_id"] = new_event_id()
+    return event
+
+
 def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Event | None:
     """The event for ``x``, or None when it is not to be captured (gating)."""
     if isinstance(x.response_bytes, list):
@@ -276,7 +298,7 @@ def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Even
     error = error_of(output, status, x.exc)
     capped_in, t_in = cap_payload(body, cfg.max_payload_bytes)
     capped_out, t_out = cap_payload(output, cfg.max_payload_bytes)
-    return new_event(
+    return _event(
         request_id=x.request_id or new_request_id(),
         ts_ms=x.ts_ms,
         endpoint=x.endpoint,

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from functools import partial
 from typing import Any
 
-from auditpipe.settings import ProducerSettings
+from auditpipe.settings import ProducerSettings, validate_model
 
 from . import _event
 from ._event import Exchange
@@ -79,7 +79,11 @@ class AuditMiddleware:
             updates["capture_paths"] = list(paths)
         if header_allowlist is not None:
             updates["header_allowlist"] = list(header_allowlist)
-        self.cfg = cfg.model_validate({**cfg.model_dump(), **updates}) if updates else cfg
+        if updates:  # invalid arguments raise ConfigError naming the producer.* key
+            cfg = validate_model(
+                ProducerSettings, {**cfg.model_dump(), **updates}, "AuditMiddleware", "producer"
+            )
+        self.cfg = cfg
         self.enabled = self.cfg.enabled and producer.enabled
         self._paths = compile_paths(self.cfg.capture_paths)
         self._name_groups = [g for g in self._paths.groupindex if g.startswith("name__")]
@@ -137,7 +141,14 @@ class AuditMiddleware:
         async def observe_send(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.body":
-                await send(message)
+                last = not message.get("more_body", False)
+                if last:  # before awaiting: the server may answer receive() with a disconnect
+                    state["finished"] = True  # as soon as the last body is handed over
+                try:
+                    await send(message)
+                except BaseException:
+                    state["finished"] = False
+                    raise
                 body = message.get("body", b"")
                 if body:
                     if not state["first"]:
@@ -150,8 +161,7 @@ class AuditMiddleware:
                         x.collect_truncated = True
                     else:
                         x.collect_truncated = True
-                if not message.get("more_body", False):
-                    state["finished"] = True
+                if last:
                     state["last"] = time.perf_counter()
                 return
             if kind == "http.response.start":

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import IO, Any
 
-from auditpipe.schemas import Event, EventValidationError, encode, to_json
+from auditpipe.schemas import Event, EventValidationError, encode, latest_schema_id, to_json
 
 from auditpipe.kafka import producer_kwargs, require_bootstrap
 from auditpipe.settings import Settings, load_settings, settings_path_from_env
@@ -116,6 +116,7 @@ class AuditProducer:
         self._last_progress = 0.0
         self._rr = 0
         self._work = 0
+        self._schema_id = latest_schema_id()
         self._seq = 0
         self._generation = 0
         self._spool: Spool | None = None
@@ -346,7 +347,7 @@ class AuditProducer:
         self._stamp_source(event)
         self._yield_gil()
         try:
-            return encode(event)
+            return encode(event, self._schema_id)
         except EventValidationError as exc:
             self._stats.dropped["invalid_event"] += 1
             log.debug("dropping invalid event: %s", exc)

@@ -52,3 +52,12 @@ class TestProducerSettings:
         """Invalid values and unknown keys are rejected naming the key."""
         with pytest.raises(ConfigError, match=needle):
             load_settings(env=env)
+
+
+def test_middleware_arguments_are_validated_like_settings() -> None:
+    """AuditMiddleware(capture=...) with a bad value raises ConfigError naming the key."""
+    from auditpipe.producer import AuditMiddleware, AuditProducer
+
+    settings = load_settings(env={"AUDITPIPE_PRODUCER_TRANSPORT": "stdout"})
+    with pytest.raises(ConfigError, match=r"producer\.capture"):
+        AuditMiddleware(lambda *a: None, AuditProducer(settings), capture="some")  # type: ignore[arg-type]
