@@ -52,6 +52,7 @@ log = logging.getLogger("auditpipe.producer")
 _DRAIN_BATCH = 512
 _REPLAY_BATCH = 2000
 _YIELD_EVERY = 4
+_SPOOL_SLOTS = 64
 
 #: Upper bounds (seconds) of the send-latency histogram buckets.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -288,21 +289,24 @@ class AuditProducer:
         await self._run_kafka()
 
     def _open_spool(self) -> Spool | None:
+        """The spool at ``spool_dir``; when another process holds it (several server workers
+        with one configuration), the first free of ``spool_dir.1`` ... ``.63``."""
         cfg = self._cfg
         directory = cfg.spool_dir or os.path.join(
             tempfile.gettempdir(), "auditpipe-spool", self.settings.kafka.raw_topic
         )
-        try:
-            spool = Spool(
-                directory,
-                cfg.spool_max_bytes,
-                cfg.spool_segment_bytes,
-                **({"write_fn": self._spool_write_fn} if self._spool_write_fn else {}),
-            )
-            return spool.open()
-        except SpoolError as exc:
-            log.error("disk spool disabled: %s", exc)
-            return None
+        kwargs = {"write_fn": self._spool_write_fn} if self._spool_write_fn else {}
+        error: SpoolError | None = None
+        for slot in range(_SPOOL_SLOTS):
+            path = directory if slot == 0 else f"{directory}.{slot}"
+            try:
+                return Spool(path, cfg.spool_max_bytes, cfg.spool_segment_bytes, **kwargs).open()
+            except SpoolError as exc:
+                error = error or exc
+                if "in use" not in str(exc):
+                    break
+        log.error("disk spool disabled: %s", error)
+        return None
 
     def _take(self, limit: int) -> list[Event]:
         """Pop up to ``limit`` items and turn them into events (building lazy captures)."""

@@ -259,3 +259,21 @@ class TestLimits:
         waited = time.monotonic() - started
         stats = block.stop()
         assert stats["dropped"]["block_timeout"] == 1 and waited >= 0.04
+
+
+def test_processes_sharing_a_spool_dir_get_slots_of_their_own(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Two producers configured with one spool_dir (server workers): the second spools into
+    spool_dir.1 instead of running without a spool."""
+    spool_dir = tmp_path / "spool"
+    first = AuditProducer(unreachable(settings, spool_dir=str(spool_dir))).start()
+    second = AuditProducer(unreachable(settings, spool_dir=str(spool_dir))).start()
+    try:
+        assert first.emit(new_event()) and second.emit(new_event())
+        wait_until(lambda: first.stats()["spooled"] == 1 and second.stats()["spooled"] == 1,
+                   10, "both producers to spool")  # fmt: skip
+    finally:
+        first.stop()
+        second.stop()
+    assert list(spool_dir.glob("*.seg")) and list(Path(f"{spool_dir}.1").glob("*.seg"))
