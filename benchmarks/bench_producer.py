@@ -37,6 +37,7 @@ from auditpipe.kafka import ensure_topics
 from auditpipe.settings import Settings, load_settings
 
 COMPRESSION = os.environ.get("BENCH_COMPRESSION", "gzip")
+BATCH_BYTES = int(os.environ.get("BENCH_BATCH_BYTES", "1048576"))
 
 
 def chat_event(i: int) -> dict[str, Any]:

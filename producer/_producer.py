@@ -45,13 +45,14 @@ from auditpipe.schemas import Event, EventValidationError, encode, latest_schema
 from auditpipe.kafka import producer_kwargs, require_bootstrap
 from auditpipe.settings import Settings, load_settings, settings_path_from_env
 
+from ._avro import compile_encoder
 from ._spool import Spool, SpoolError, WriteFn
 
 log = logging.getLogger("auditpipe.producer")
 
 _DRAIN_BATCH = 512
 _REPLAY_BATCH = 2000
-_YIELD_EVERY = 4
+_HOLD_SECS = 50e-6  # longest stretch the sender holds the GIL between events
 _SPOOL_SLOTS = 64
 
 #: Upper bounds (seconds) of the send-latency histogram buckets.
@@ -116,8 +117,9 @@ class AuditProducer:
         self._in_flight = 0  # events in those batches
         self._last_progress = 0.0
         self._rr = 0
-        self._work = 0
+        self._last_yield = 0.0
         self._schema_id = latest_schema_id()
+        self._fast_encode = compile_encoder(self._schema_id)
         self._seq = 0
         self._generation = 0
         self._spool: Spool | None = None
@@ -339,17 +341,23 @@ class AuditProducer:
                 event["source"] = {"service": source.service, "instance": source.instance}
 
     def _yield_gil(self) -> None:
-        """Let request threads run every few events: a thread that wants the GIL otherwise
-        waits for the interpreter's switch interval (5 ms), which is what a request would feel
-        while this thread encodes a backlog."""
-        self._work += 1
-        if self._work >= _YIELD_EVERY:
-            self._work = 0
+        """Let request threads run at least every ``_HOLD_SECS``: a thread that wants the GIL
+        otherwise waits for the interpreter's switch interval (5 ms), which is what a request
+        would feel while this thread encodes a backlog. Called between events in every loop."""
+        now = time.perf_counter()
+        if now - self._last_yield > _HOLD_SECS:
             time.sleep(0)
+            self._last_yield = time.perf_counter()
 
     def _encode(self, event: Event) -> bytes | None:
         self._stamp_source(event)
         self._yield_gil()
+        fast = self._fast_encode
+        if fast is not None:
+            try:
+                return fast(event)
+            except Exception:  # does not fit: the codec says why (or manages after all)
+                pass
         try:
             return encode(event, self._schema_id)
         except EventValidationError as exc:
@@ -522,6 +530,7 @@ class AuditProducer:
                         if batch.append(key=_event_id_of(v), value=v, timestamp=None) is None:
                             break
                         i += 1
+                        self._yield_gil()
                     if i == done:  # one record larger than a batch: let aiokafka size it
                         v = values[i]
                         fut = await producer.send(topic, v, key=_event_id_of(v))
