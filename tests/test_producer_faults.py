@@ -245,7 +245,8 @@ class TestLimits:
             subprocess.run(["umount", "-l", str(mnt)], check=False)
 
     def test_drop_newest_and_block(self, settings: Settings) -> None:
-        """drop_newest drops at once when full; block waits at most block_timeout_ms."""
+        """drop_newest drops when full (queue_full); block gives up after block_timeout_ms
+        (block_timeout)."""
         drop = AuditProducer(unreachable(settings, when_full="drop_newest",
                                          queue_max_events=5)).start()  # fmt: skip
         results = [drop.emit(new_event()) for _ in range(8)]
@@ -254,11 +255,9 @@ class TestLimits:
                                           block_timeout_ms=50)).start()  # fmt: skip
         for _ in range(5):
             block.emit(new_event())
-        started = time.monotonic()
         assert block.emit(new_event()) is False
-        waited = time.monotonic() - started
         stats = block.stop()
-        assert stats["dropped"]["block_timeout"] == 1 and waited >= 0.04
+        assert stats["dropped"]["block_timeout"] == 1 and "queue_full" not in stats["dropped"]
 
 
 def test_processes_sharing_a_spool_dir_get_slots_of_their_own(
