@@ -69,8 +69,12 @@ class EmbeddedBroker:
         storage: str = "memory://tansu/",
         log_path: str | os.PathLike[str] | None = None,
         env: dict[str, str] | None = None,
+        advertised_port: int | None = None,
     ) -> None:
+        """``advertised_port``: the port clients are told to use (default: ``port``); tests put
+        a TCP proxy of their own there to cut the network between clients and the broker."""
         self.port = port
+        self.advertised_port = advertised_port
         self.storage = storage
         self.log_path = Path(log_path) if log_path else None
         self.env = env
@@ -95,10 +99,11 @@ class EmbeddedBroker:
                 os.close(fd)
                 self.log_path = Path(name)
             url = f"tcp://127.0.0.1:{port}"
+            advertised = f"tcp://127.0.0.1:{self.advertised_port or port}"
             cmd = [
                 binary, "broker",
                 "--listener-url", url,
-                "--advertised-listener-url", url,
+                "--advertised-listener-url", advertised,
                 "--storage-engine", self.storage,
             ]  # fmt: skip
             env = {**os.environ, **(self.env or {})}

@@ -4,6 +4,8 @@
 token counts (whitespace words) in ``usage``, and supports ``stream: true`` (SSE chunks, one per
 word, ending with ``data: [DONE]``; ``stream_options.include_usage`` adds a usage chunk).
 ``GET /v1/models`` lists the fake models. Malformed requests get OpenAI-shaped 400 errors.
+With ``tools`` in the request and a last user message starting with ``call ``, the model calls
+the first tool (``finish_reason: "tool_calls"``, arguments ``{"text": ...}``), streamed too.
 """
 
 from __future__ import annotations
@@ -74,12 +76,31 @@ async def chat_completions(request: Request) -> Response:
         "completion_tokens": _count_tokens(text),
     }
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    tool_call = _tool_call(body, messages, text)
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(
-            _stream(ident, created, model, text, usage if include_usage else None),
+            _stream(ident, created, model, text, usage if include_usage else None, tool_call),
             media_type="text/event-stream",
         )
+    if tool_call is not None:
+        message: dict[str, Any] = {
+            "role": "assistant", "content": None, "refusal": None, "tool_calls": [tool_call]
+        }  # fmt: skip
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {"index": 0, "message": message, "finish_reason": "tool_calls",
+                     "logprobs": None}
+                ],
+                "usage": usage,
+                "system_fingerprint": "fp_auditpipe_demo",
+            }
+        )  # fmt: skip
     return JSONResponse(
         {
             "id": ident,
@@ -100,8 +121,32 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
+def _tool_call(
+    body: dict[str, Any], messages: list[dict[str, Any]], text: str
+) -> dict[str, Any] | None:
+    tools = body.get("tools")
+    last: dict[str, Any] = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+    content = last.get("content")
+    if not isinstance(tools, list) or not tools or not isinstance(content, str):
+        return None
+    if not content.startswith("call "):
+        return None
+    name = str(((tools[0] or {}).get("function") or {}).get("name") or "tool")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return {
+        "id": f"call_{digest}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps({"text": content[5:]})},
+    }
+
+
 async def _stream(
-    ident: str, created: int, model: str, text: str, usage: dict[str, int] | None
+    ident: str,
+    created: int,
+    model: str,
+    text: str,
+    usage: dict[str, int] | None,
+    tool_call: dict[str, Any] | None = None,
 ) -> AsyncIterator[bytes]:
     def chunk(
         delta: dict[str, Any], finish: str | None, extra: dict[str, Any] | None = None
@@ -117,11 +162,20 @@ async def _stream(
             payload.update(extra)
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
-    yield chunk({"role": "assistant", "content": ""}, None)
-    words = text.split(" ")
-    for i, word in enumerate(words):
-        yield chunk({"content": word if i == 0 else " " + word}, None)
-    yield chunk({}, "stop")
+    if tool_call is not None:
+        args = tool_call["function"]["arguments"]
+        head = {**tool_call, "index": 0, "function": {**tool_call["function"], "arguments": ""}}
+        yield chunk({"role": "assistant", "content": None, "tool_calls": [head]}, None)
+        for i in range(0, len(args), 8):
+            piece = {"index": 0, "function": {"arguments": args[i : i + 8]}}
+            yield chunk({"tool_calls": [piece]}, None)
+        yield chunk({}, "tool_calls")
+    else:
+        yield chunk({"role": "assistant", "content": ""}, None)
+        words = text.split(" ")
+        for i, word in enumerate(words):
+            yield chunk({"content": word if i == 0 else " " + word}, None)
+        yield chunk({}, "stop")
     if usage is not None:
         yield b"data: " + json.dumps(
             {"id": ident, "object": "chat.completion.chunk", "created": created,

@@ -50,13 +50,98 @@ class KafkaSettings(StrictModel):
     request_timeout_ms: int = Field(30_000, ge=1000)
 
 
+DEFAULT_CAPTURE_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v2/models/{name}/infer",
+    "/v2/models/{name}/versions/{version}/infer",
+)
+DEFAULT_HEADER_ALLOWLIST = (
+    "user-agent",
+    "content-type",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "openai-organization",
+    "openai-project",
+)
+
+
 class ProducerSettings(StrictModel):
+    """``[producer]``: the hook inside inference servers (queue, transport, gating, spool).
+
+    ``enabled`` is also set by ``AUDITPIPE_ENABLED=0/1``; ``transport = "stdout"`` also by
+    ``DYN_AUDIT_STDOUT=1`` (Dynamo phase-1 compatibility). See README "The producer hook".
+    """
+
     queue_max_events: int = Field(10_000, ge=1, description="bounded queue in front of the sender")
     linger_ms: int = Field(5, ge=0)
     max_batch_bytes: int = Field(1_048_576, ge=1024)
     compression: Literal["gzip", "none", "snappy", "lz4", "zstd"] = "gzip"
     enable_idempotence: bool = True
     stop_timeout_secs: float = Field(10.0, gt=0, description="how long stop() flushes at most")
+    enabled: bool = Field(True, description="global switch; False captures nothing")
+    transport: Literal["kafka", "stdout"] = Field(
+        "kafka", description="kafka: Avro to kafka.raw_topic; stdout: one JSON line per event"
+    )
+    capture: Literal["store", "all"] = Field(
+        "store",
+        description='store: requests with "store": true or x-auditpipe-store: true; all: every one',
+    )
+    capture_paths: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CAPTURE_PATHS),
+        description="request paths the middleware captures; {name} matches one path segment",
+    )
+    header_allowlist: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_HEADER_ALLOWLIST),
+        description="request headers recorded on events (credentials never are)",
+    )
+    return_request_id: bool = Field(
+        True, description="add x-request-id to responses of captured paths when the app did not"
+    )
+    max_payload_bytes: int = Field(
+        262_144,
+        ge=256,
+        description="cap of input and of output (JSON bytes) on an event; the default keeps "
+        "events under Kafka's default 1 MB message limit",
+    )
+    when_full: Literal["spool", "drop_newest", "block"] = Field(
+        "spool", description="what happens when Kafka is unreachable or slower than traffic"
+    )
+    block_timeout_ms: int = Field(
+        5, ge=0, description='when_full = "block": longest emit() waits for queue space'
+    )
+    spool_dir: str | None = Field(
+        None, description="disk spool directory (default: <tmp>/auditpipe-spool/<raw_topic>)"
+    )
+    spool_max_bytes: int = Field(1_073_741_824, ge=4096, description="disk spool size limit")
+    spool_segment_bytes: int = Field(16_777_216, ge=1024, description="size of one spool segment")
+    spill_after_ms: int = Field(
+        2000,
+        ge=1,
+        description="Kafka counts as unreachable (new events spool) once a send waits this long",
+    )
+    max_in_flight_events: int = Field(
+        20_000, ge=1, description="sent but unacknowledged events before new ones spool"
+    )
+
+    @field_validator("capture_paths", "header_allowlist", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # environment overrides arrive as "a,b,c"
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("capture_paths")
+    @classmethod
+    def _paths_absolute(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/"):
+                raise ValueError(f"capture_paths entry {path!r} must start with '/'")
+        return value
 
 
 class ProcessorSettings(StrictModel):
@@ -151,7 +236,7 @@ def load_settings(
             raise ConfigError(f"{path}: no such settings file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    for var, value in env.items():
+    for var, value in _compat_env(env).items():
         if not var.startswith(ENV_PREFIX):
             continue
         rest = var[len(ENV_PREFIX) :].lower()
@@ -162,6 +247,20 @@ def load_settings(
                 raise ConfigError(f"{origin}: [{table}] must be a table")
             section[key] = value
     return validate_model(Settings, data, origin)
+
+
+def _compat_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``AUDITPIPE_ENABLED`` and Dynamo's ``DYN_AUDIT_STDOUT`` as ``[producer]`` overrides.
+
+    Explicit ``AUDITPIPE_PRODUCER_ENABLED`` / ``_TRANSPORT`` win over them.
+    """
+    out = dict(env)
+    if "AUDITPIPE_ENABLED" in env:
+        out.pop("AUDITPIPE_ENABLED")
+        out.setdefault("AUDITPIPE_PRODUCER_ENABLED", env["AUDITPIPE_ENABLED"])
+    if env.get("DYN_AUDIT_STDOUT", "").strip().lower() in ("1", "true", "yes", "on"):
+        out.setdefault("AUDITPIPE_PRODUCER_TRANSPORT", "stdout")
+    return out
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -1,24 +1,33 @@
-"""AuditMiddleware: an ASGI middleware that captures stored inference calls.
+"""AuditMiddleware: ASGI middleware that captures inference calls (FastAPI, Starlette, plain ASGI).
 
-This first version captures non-streaming JSON ``POST`` requests to the configured paths
-(default ``/v1/chat/completions``) whose body says ``"store": true``. The request and response
-pass through untouched; the body bytes are only observed. Capture work (JSON parsing, building
-the event) runs after the response was sent, and any failure in it is counted, never raised.
+What the client receives is not changed: every ``http.response.body`` message is forwarded as it
+comes (SSE stays unbuffered), with the same bytes. The one addition is ``x-request-id`` on
+responses of captured paths when the app did not set one (``return_request_id``): the request's
+own id, or the one generated for it. The request path only keeps references to the body messages
+and takes a few timestamps; gating, JSON parsing, SSE assembly and building the event run on the
+producer's sender thread (the middleware emits a function that builds the event). Exceptions of
+the app propagate unchanged after they were recorded; failures of capture are counted by the
+producer, never raised.
+
+Captured paths (``producer.capture_paths``): the OpenAI-compatible endpoints and the Open
+Inference Protocol v2 ``/v2/models/{name}[/versions/{version}]/infer`` by default; ``{param}``
+matches one path segment, ``{name}`` also names the model. Gating happens per request: the body
+says ``"store": true``, or the header ``x-auditpipe-store: true``, or ``capture = "all"``.
 """
 
 from __future__ import annotations
 
-import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from functools import partial
 from typing import Any
 
-import orjson
-from auditpipe.schemas import Event, new_event
+from auditpipe.settings import ProducerSettings, validate_model
 
+from . import _event
+from ._event import Exchange
 from ._producer import AuditProducer
-
-log = logging.getLogger("auditpipe.producer")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,155 +35,182 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-DEFAULT_PATHS = ("/v1/chat/completions",)
-DEFAULT_HEADER_ALLOWLIST = frozenset({"user-agent", "content-type", "x-request-id"})
+_STORE_TRUE = (b"true", b"1", b"yes", b"on")
+
+
+def compile_paths(patterns: Iterable[str]) -> re.Pattern[str]:
+    """One regex for ``patterns``; ``{param}`` matches a segment (captured by name)."""
+    alternatives = []
+    for i, pattern in enumerate(patterns):
+        parts = re.split(r"\{(\w+)\}", pattern)
+        regex = ""
+        for j, part in enumerate(parts):
+            if j % 2:
+                # group names must be unique across alternatives
+                regex += f"(?P<{part}__{i}>[^/]+)"
+            else:
+                regex += re.escape(part)
+        alternatives.append(regex)
+    return re.compile("^(?:" + "|".join(alternatives) + ")/?$")
 
 
 class AuditMiddleware:
-    """Wrap ``app``; emit one AuditEvent per captured exchange to ``producer``."""
+    """Wrap ``app``; emit one AuditEvent per captured exchange to ``producer``.
+
+    ``paths``, ``header_allowlist`` and ``capture`` default to the producer's settings.
+    """
 
     def __init__(
         self,
         app: ASGIApp,
         producer: AuditProducer,
         *,
-        paths: Iterable[str] = DEFAULT_PATHS,
-        header_allowlist: Iterable[str] = DEFAULT_HEADER_ALLOWLIST,
+        paths: Iterable[str] | None = None,
+        header_allowlist: Iterable[str] | None = None,
+        capture: str | None = None,
     ) -> None:
         self.app = app
         self.producer = producer
-        self.paths = frozenset(paths)
-        self.header_allowlist = frozenset(h.lower() for h in header_allowlist)
-        self.capture_errors = 0
+        cfg: ProducerSettings = producer.settings.producer
+        updates: dict[str, Any] = {}
+        if capture is not None:
+            updates["capture"] = capture
+        if paths is not None:
+            updates["capture_paths"] = list(paths)
+        if header_allowlist is not None:
+            updates["header_allowlist"] = list(header_allowlist)
+        if updates:  # invalid arguments raise ConfigError naming the producer.* key
+            cfg = validate_model(
+                ProducerSettings, {**cfg.model_dump(), **updates}, "AuditMiddleware", "producer"
+            )
+        self.cfg = cfg
+        self.enabled = self.cfg.enabled and producer.enabled
+        self._paths = compile_paths(self.cfg.capture_paths)
+        self._name_groups = [g for g in self._paths.groupindex if g.startswith("name__")]
+        self.header_allowlist = frozenset(h.lower() for h in self.cfg.header_allowlist)
+        self._capture_all = self.cfg.capture == "all"
+        self._return_id = self.cfg.return_request_id
+        # streams are assembled from the raw SSE bytes, which are several times the output
+        self._collect_limit = self.cfg.max_payload_bytes * 4
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope.get("method") != "POST"
-            or scope.get("path") not in self.paths
-        ):
+        if scope["type"] != "http" or not self.enabled:
+            await self.app(scope, receive, send)
+            return
+        match = self._paths.match(scope.get("path", ""))
+        if match is None:
             await self.app(scope, receive, send)
             return
 
         started = time.perf_counter()
-        ts_ms = time.time_ns() // 1_000_000
+        x = Exchange(scope["path"], scope.get("method", "POST"), time.time_ns() // 1_000_000)
+        request_id = None
+        raw_headers = scope.get("headers") or ()
+        for name, value in raw_headers:  # ASGI header names are lower-case bytes
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+            elif name == b"x-auditpipe-store":
+                x.forced = value.strip().lower() in _STORE_TRUE
+            elif name == b"traceparent":
+                x.traceparent = value.decode("latin-1")
+        x.headers = raw_headers  # filtered and decoded on the sender thread
+        x.request_id = request_id or _event.new_request_id()
+        x.trace_id, x.span_id = _event.current_trace()
+        if self._name_groups:
+            for key in self._name_groups:
+                if match.group(key) is not None:
+                    x.model_hint = match.group(key)
+        add_id = (b"x-request-id", x.request_id.encode("latin-1")) if self._return_id else None
+
         request_body: list[bytes] = []
         response_body: list[bytes] = []
-        response: dict[str, Any] = {"status": None, "headers": (), "first_byte": None}
+        state = {"size": 0, "first": 0.0, "finished": False, "last": 0.0}
+        limit = self._collect_limit
 
         async def observe_receive() -> Message:
             message = await receive()
-            if message["type"] == "http.request":
-                request_body.append(message.get("body", b""))
+            kind = message["type"]
+            if kind == "http.request":
+                body = message.get("body", b"")
+                if body:
+                    request_body.append(body)
+            elif kind == "http.disconnect" and not state["finished"]:
+                x.incomplete = True
             return message
 
         async def observe_send(message: Message) -> None:
             kind = message["type"]
+            if kind == "http.response.body":
+                last = not message.get("more_body", False)
+                if last:  # before awaiting: the server may answer receive() with a disconnect
+                    state["finished"] = True  # as soon as the last body is handed over
+                try:
+                    await send(message)
+                except BaseException:
+                    state["finished"] = False
+                    raise
+                body = message.get("body", b"")
+                if body:
+                    if not state["first"]:
+                        state["first"] = time.perf_counter()
+                    if state["size"] < limit:
+                        response_body.append(body)
+                        state["size"] += len(body)
+                    elif x.response_is_sse:
+                        x.extra_chunks += 1
+                        x.collect_truncated = True
+                    else:
+                        x.collect_truncated = True
+                if last:
+                    state["last"] = time.perf_counter()
+                return
             if kind == "http.response.start":
-                response["status"] = message["status"]
-                response["headers"] = message.get("headers", ())
-            elif kind == "http.response.body":
-                if response["first_byte"] is None:
-                    response["first_byte"] = time.perf_counter()
-                response_body.append(message.get("body", b""))
+                x.status = message["status"]
+                resp_headers = message.get("headers", ())
+                has_id = False
+                for k, v in resp_headers:
+                    lk = k.lower()
+                    if lk == b"content-type":
+                        ctype = v.lower()
+                        x.response_is_sse = ctype.startswith(b"text/event-stream")
+                        x.response_is_json = b"json" in ctype
+                    elif lk == b"x-request-id":
+                        has_id = True
+                if add_id is not None and not has_id:
+                    message = dict(message)
+                    message["headers"] = [*resp_headers, add_id]
             await send(message)
 
-        error: BaseException | None = None
         try:
             await self.app(scope, observe_receive, observe_send)
         except BaseException as exc:
-            error = exc
+            x.exc = exc
+            x.incomplete = True
             raise
         finally:
-            try:
-                event = self._build_event(
-                    scope, request_body, response_body, response, error, started, ts_ms
-                )
-                if event is not None:
-                    self.producer.emit(event)
-            except Exception:
-                self.capture_errors += 1
-                log.debug("could not build audit event", exc_info=True)
+            self._finish(x, request_body, response_body, state, started)
 
-    def _build_event(
+    def _finish(
         self,
-        scope: Scope,
+        x: Exchange,
         request_body: list[bytes],
         response_body: list[bytes],
-        response: dict[str, Any],
-        error: BaseException | None,
+        state: dict[str, Any],
         started: float,
-        ts_ms: int,
-    ) -> Event | None:
-        raw = b"".join(request_body)
-        if b'"store"' not in raw:  # cheap pre-check before parsing
-            return None
-        body = orjson.loads(raw)
-        if not isinstance(body, dict) or body.get("store") is not True or body.get("stream"):
-            return None
-        headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())
-        }
-        output: Any = None
-        content_type = _header(response["headers"], b"content-type")
-        if content_type.startswith("application/json") and response_body:
-            output = orjson.loads(b"".join(response_body))
-        usage = output.get("usage") if isinstance(output, dict) else None
-        status = response["status"]
-        err = None
-        if error is not None:
-            err = {"type": type(error).__name__, "message": str(error)[:2048]}
-        elif status is not None and status >= 400:
-            err = _error_from_body(output, status)
-        metadata = body.get("metadata")
-        now = time.perf_counter()
-        first = response["first_byte"]
-        return new_event(
-            request_id=headers.get("x-request-id")
-            or (output.get("id") if isinstance(output, dict) and output.get("id") else None)
-            or _fallback_id(),
-            ts_ms=ts_ms,
-            endpoint=scope["path"],
-            method="POST",
-            status_code=status if status is not None else (500 if error else None),
-            model=(output.get("model") if isinstance(output, dict) else None) or body.get("model"),
-            store=True,
-            stream=False,
-            metadata={str(k): str(v) for k, v in metadata.items()}
-            if isinstance(metadata, dict)
-            else {},
-            headers={k: v for k, v in headers.items() if k in self.header_allowlist},
-            input=body,
-            output=output,
-            usage=_usage(usage),
-            error=err,
-            latency_ms=round((now - started) * 1000, 3),
-            ttft_ms=round((first - started) * 1000, 3) if first is not None else None,
-        )
-
-
-def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str:
-    for k, v in headers:
-        if k.lower() == name:
-            return v.decode("latin-1").lower()
-    return ""
-
-
-def _usage(usage: Any) -> dict[str, int | None] | None:
-    if not isinstance(usage, dict):
-        return None
-    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    return {k: usage[k] if isinstance(usage.get(k), int) else None for k in keys}
-
-
-def _error_from_body(output: Any, status: int) -> dict[str, str]:
-    if isinstance(output, dict) and isinstance(output.get("error"), dict):
-        e = output["error"]
-        return {"type": str(e.get("type") or f"http_{status}"), "message": str(e.get("message"))}
-    return {"type": f"http_{status}", "message": ""}
-
-
-def _fallback_id() -> str:
-    from auditpipe.schemas import new_event_id
-
-    return new_event_id()
+    ) -> None:
+        try:
+            raw = request_body[0] if len(request_body) == 1 else b"".join(request_body)
+            if not (self._capture_all or x.forced or b'"store"' in raw):
+                return  # cheap gate; the exact one runs when the event is built
+            if not state["finished"]:
+                x.incomplete = True
+            end = state["last"] or time.perf_counter()
+            x.latency_ms = round((end - started) * 1000, 3)
+            if state["first"]:
+                x.ttft_ms = round((state["first"] - started) * 1000, 3)
+            x.request_bytes = raw
+            x.response_bytes = response_body  # joined on the sender thread
+            x.streamed = x.response_is_sse
+            self.producer.emit(partial(_event.build, x, self.cfg, self.header_allowlist))
+        except Exception:  # never into the request path
+            self.producer._stats.dropped["capture_error"] += 1

@@ -45,7 +45,7 @@ class TestAuditProducer:
         """With the sender unable to reach Kafka, emit() returns at once and counts queue_full."""
         kafka = settings.kafka.model_copy(update={"bootstrap": "127.0.0.1:1"})
         producer_settings = settings.producer.model_copy(
-            update={"queue_max_events": 10, "stop_timeout_secs": 0.5}
+            update={"queue_max_events": 10, "stop_timeout_secs": 0.5, "when_full": "drop_newest"}
         )
         unreachable = settings.model_copy(update={"kafka": kafka, "producer": producer_settings})
         producer = AuditProducer(unreachable).start()

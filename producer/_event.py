@@ -1,0 +1,324 @@
+"""Building an AuditEvent from a captured exchange: ids, trace context, headers, caps, metadata.
+
+Everything here is pure and runs on the producer's sender thread, except
+:func:`current_trace`, which reads the OpenTelemetry context and so must run on the request's
+own task (the middleware calls it before the app runs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+from auditpipe.schemas import Event, new_event, new_event_id
+
+from auditpipe.settings import ProducerSettings
+
+from . import _stream
+
+#: Request headers that are never recorded, whatever ``header_allowlist`` says.
+NEVER_RECORDED = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+        "x-amz-security-token",
+        "x-goog-api-key",
+    }
+)
+
+#: OpenAI's limits on ``metadata``.
+METADATA_MAX_PAIRS = 16
+METADATA_MAX_KEY_CHARS = 64
+METADATA_MAX_VALUE_CHARS = 512
+
+TRUNCATED_MARKER = "_auditpipe_truncated"
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_OTEL_AVAILABLE = importlib.util.find_spec("opentelemetry") is not None
+
+
+def new_request_id() -> str:
+    """A random id for requests that came without ``x-request-id`` (32 hex digits)."""
+    return os.urandom(16).hex()
+
+
+def parse_traceparent(value: str | None) -> tuple[str | None, str | None]:
+    """(trace_id, span_id) from a W3C ``traceparent``; (None, None) when invalid."""
+    if not value:
+        return None, None
+    m = _TRACEPARENT.match(value.strip().lower())
+    if not m or m.group(1) == "ff":
+        return None, None
+    trace_id, span_id = m.group(2), m.group(3)
+    if trace_id == "0" * 32 or span_id == "0" * 16:
+        return None, None
+    return trace_id, span_id
+
+
+def current_trace() -> tuple[str | None, str | None]:
+    """The current OpenTelemetry span's ids, when opentelemetry is installed and a span is live."""
+    if not _OTEL_AVAILABLE:
+        return None, None
+    try:
+        from opentelemetry import trace
+
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+    except Exception:
+        pass
+    return None, None
+
+
+def filter_headers(
+    headers: Iterable[tuple[str | bytes, str | bytes]], allowlist: frozenset[str]
+) -> dict[str, str]:
+    """Allowed request headers (names lower-cased); credentials never pass. Accepts ASGI's
+    ``(bytes, bytes)`` pairs or strings."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1") if isinstance(raw_name, bytes) else raw_name
+        value = raw_value.decode("latin-1") if isinstance(raw_value, bytes) else raw_value
+        key = name.lower()
+        if key in allowlist and key not in NEVER_RECORDED:
+            out[key] = value
+    return out
+
+
+def limit_metadata(metadata: Any) -> tuple[dict[str, str], int]:
+    """What of ``metadata`` fits OpenAI's limits, and how many pairs were left out."""
+    if not isinstance(metadata, Mapping):
+        return {}, (1 if metadata not in (None, {}) else 0)
+    kept: dict[str, str] = {}
+    dropped = 0
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            value = orjson.dumps(value).decode() if value is not None else ""
+        key = str(key)
+        if (
+            len(kept) >= METADATA_MAX_PAIRS
+            or len(key) > METADATA_MAX_KEY_CHARS
+            or len(value) > METADATA_MAX_VALUE_CHARS
+        ):
+            dropped += 1
+            continue
+        kept[key] = value
+    return kept, dropped
+
+
+def cap_payload(value: Any, max_bytes: int) -> tuple[Any, bool]:
+    """``value``, or an explicit truncation marker when its JSON is over ``max_bytes``."""
+    if value is None:
+        return None, False
+    try:
+        data = orjson.dumps(value)
+    except TypeError:  # pydantic models, NotGiven, ...: their JSON form (or repr)
+        data = orjson.dumps(value, default=_json_default)
+        value = orjson.loads(data)
+    if len(data) <= max_bytes:
+        return value, False
+    return {
+        TRUNCATED_MARKER: True,
+        "original_bytes": len(data),
+        "kept_bytes": max_bytes,
+        "head": data[:max_bytes].decode("utf-8", "ignore"),
+    }, True
+
+
+def _json_default(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        try:
+            return dump(mode="json", exclude_unset=True)
+        except Exception:
+            pass
+    return repr(value)
+
+
+def usage_of(output: Any) -> dict[str, int | None] | None:
+    """OpenAI usage (chat/completions/embeddings/responses shapes) as the event's Usage."""
+    usage = output.get("usage") if isinstance(output, dict) else None
+    if not isinstance(usage, dict):
+        return None
+
+    def num(*keys: str) -> int | None:
+        for k in keys:
+            v = usage.get(k)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+        return None
+
+    prompt = num("prompt_tokens", "input_tokens")
+    completion = num("completion_tokens", "output_tokens")
+    total = num("total_tokens")
+    if total is None and prompt is not None:
+        total = prompt + (completion or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
+
+def error_of(output: Any, status: int | None, exc: BaseException | None) -> dict[str, str] | None:
+    body_error = isinstance(output, dict) and output.get("error") is not None
+    if exc is not None and not (status is not None and status >= 400 and body_error):
+        return {"type": type(exc).__name__, "message": str(exc)[:2048]}
+    if status is None or status < 400:
+        return None
+    err = output.get("error") if isinstance(output, dict) else None
+    if isinstance(err, dict):
+        return {
+            "type": str(err.get("type") or err.get("code") or f"http_{status}"),
+            "message": str(err.get("message") or "")[:2048],
+        }
+    if isinstance(err, str):  # OIP v2: {"error": "message"}
+        return {"type": f"http_{status}", "message": err[:2048]}
+    return {"type": f"http_{status}", "message": ""}
+
+
+def parse_json(data: bytes) -> Any:
+    """JSON body, or a marker saying what it was when it is not JSON."""
+    if not data:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return {"_auditpipe_non_json_body": True, "bytes": len(data)}
+
+
+class Exchange:
+    """What a capture saw; :func:`build` turns it into an event on the sender thread.
+
+    A plain slotted class: the middleware creates one per request, so it must be cheap.
+    """
+
+    __slots__ = (
+        "chunks", "collect_truncated", "endpoint", "exc", "extra_chunks", "forced", "headers",
+        "incomplete", "latency_ms", "metadata", "method", "model_hint", "request",
+        "request_bytes", "request_id", "response", "response_bytes", "response_is_json",
+        "response_is_sse", "span_id", "status", "streamed", "trace_id", "traceparent", "ts_ms",
+        "ttft_ms",
+    )  # fmt: skip
+
+    def __init__(self, endpoint: str, method: str = "POST", ts_ms: int = 0) -> None:
+        self.endpoint = endpoint
+        self.method = method
+        self.ts_ms = ts_ms
+        self.request_id = ""
+        self.request: Any = None  # parsed body (dict) or None
+        self.request_bytes: bytes | None = None  # raw body, parsed lazily
+        self.response: Any = None
+        self.response_bytes: bytes | list[bytes] | None = None
+        self.response_is_sse = False
+        self.response_is_json = True
+        self.status: int | None = None
+        self.exc: BaseException | None = None
+        self.incomplete = False
+        self.streamed = False
+        self.chunks: list[Any] | None = None  # pre-parsed stream chunks (client wrapper)
+        self.extra_chunks = 0
+        self.collect_truncated = False
+        self.headers: Iterable[tuple[str | bytes, str | bytes]] = ()
+        self.trace_id: str | None = None
+        self.span_id: str | None = None
+        self.traceparent: str | None = None
+        self.latency_ms: float | None = None
+        self.ttft_ms: float | None = None
+        self.model_hint: str | None = None
+        self.metadata: Any = None
+        self.forced = False  # header x-auditpipe-store, or an explicit library capture
+
+
+_TEMPLATE: Event = {}
+_MUTABLE: tuple[str, ...] = ()
+
+
+def _event(**fields: Any) -> Event:
+    """``new_event(**fields)`` for the sender's hot path: the schema defaults are computed once
+    (mutable ones copied per event) instead of per call. Field names are this module's own."""
+    global _TEMPLATE, _MUTABLE
+    if not _TEMPLATE:
+        template = new_event()
+        for key in ("event_id", "ts_ms", "request_id", "endpoint"):
+            template.pop(key)
+        _MUTABLE = tuple(k for k, v in template.items() if isinstance(v, dict | list))
+        _TEMPLATE = template
+    event = dict(_TEMPLATE)
+    for key in _MUTABLE:
+        event[key] = _TEMPLATE[key].copy()
+    event.update(fields)
+    event["event_id"] = new_event_id()
+    return event
+
+
+def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Event | None:
+    """The event for ``x``, or None when it is not to be captured (gating)."""
+    if isinstance(x.response_bytes, list):
+        x.response_bytes = b"".join(x.response_bytes)
+    body = x.request
+    if body is None and x.request_bytes is not None:
+        body = parse_json(x.request_bytes)
+    store_body = isinstance(body, dict) and (
+        body.get("store") is True
+        or (isinstance(body.get("parameters"), dict) and body["parameters"].get("store") is True)
+    )
+    if not (cfg.capture == "all" or x.forced or store_body):
+        return None
+    output = x.response
+    chunk_count = None
+    if x.chunks is not None or x.response_is_sse:
+        chunks = x.chunks
+        if chunks is None:
+            chunks, _ = _stream.parse_sse(x.response_bytes or b"")
+        chunk_count = len(chunks) + x.extra_chunks
+        output = _stream.assemble(chunks)
+    elif output is None and x.response_bytes:
+        output = parse_json(x.response_bytes) if x.response_is_json else {
+            "_auditpipe_non_json_body": True, "bytes": len(x.response_bytes)}  # fmt: skip
+    metadata = x.metadata if x.metadata is not None else (
+        body.get("metadata") if isinstance(body, dict) else None)  # fmt: skip
+    kept, meta_dropped = limit_metadata(metadata)
+    model = x.model_hint
+    if isinstance(output, dict) and isinstance(output.get("model"), str):
+        model = model or output["model"]
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        model = model or body["model"]
+    if model is None and isinstance(output, dict) and isinstance(output.get("model_name"), str):
+        model = output["model_name"]
+    if x.trace_id is None:
+        x.trace_id, x.span_id = parse_traceparent(x.traceparent)
+    usage = usage_of(output)
+    status = x.status if x.status is not None else (500 if x.exc is not None else None)
+    error = error_of(output, status, x.exc)
+    capped_in, t_in = cap_payload(body, cfg.max_payload_bytes)
+    capped_out, t_out = cap_payload(output, cfg.max_payload_bytes)
+    return _event(
+        request_id=x.request_id or new_request_id(),
+        ts_ms=x.ts_ms,
+        endpoint=x.endpoint,
+        method=x.method,
+        status_code=status,
+        model=model,
+        store=True,
+        stream=x.streamed or x.response_is_sse,
+        metadata=kept,
+        metadata_dropped=meta_dropped,
+        headers=filter_headers(x.headers, allowlist),
+        input=capped_in,
+        output=capped_out,
+        truncated=t_in or t_out or x.collect_truncated,
+        usage=usage,
+        error=error,
+        latency_ms=x.latency_ms,
+        ttft_ms=x.ttft_ms,
+        trace_id=x.trace_id,
+        span_id=x.span_id,
+        incomplete=x.incomplete,
+        chunk_count=chunk_count,
+    )

@@ -1,0 +1,78 @@
+"""The sender's generated encoder writes exactly what the codec writes, and refuses what the
+codec refuses (so the producer falls back to the codec, which names the field)."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import pytest
+from auditpipe.producer._avro import compile_encoder
+from auditpipe.schemas import decode, encode, latest_schema_id, new_event
+
+SID = latest_schema_id()
+ENCODE = compile_encoder(SID)
+
+
+def text(rng: random.Random, n: int) -> str:
+    alphabet = string.ascii_letters + 'éü漢字🙂\n"\\ '
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, n)))
+
+
+def random_event(rng: random.Random) -> dict[str, object]:
+    maybe = lambda v: v if rng.random() < 0.5 else None  # noqa: E731
+    return new_event(
+        request_id=text(rng, 20),
+        endpoint="/v1/" + text(rng, 10),
+        ts_ms=rng.randint(0, 2**45),
+        status_code=maybe(rng.randint(-(2**31), 2**31 - 1)),
+        model=maybe(text(rng, 12)),
+        store=rng.random() < 0.5,
+        stream=rng.random() < 0.5,
+        metadata={text(rng, 8): text(rng, 30) for _ in range(rng.randint(0, 5))},
+        headers={text(rng, 8): text(rng, 30) for _ in range(rng.randint(0, 3))},
+        input=maybe({"messages": [{"role": "user", "content": text(rng, 200)}], "n": 1.5}),
+        output=maybe([1, "two", {"three": None}, text(rng, 50)]),
+        usage=maybe({"prompt_tokens": maybe(rng.randint(0, 2**40)),
+                     "completion_tokens": maybe(-rng.randint(0, 99)), "total_tokens": None}),
+        error=maybe({"type": text(rng, 10), "message": text(rng, 40)}),
+        latency_ms=maybe(rng.random() * 1e4),
+        ttft_ms=maybe(float(rng.randint(0, 10))),
+        trace_id=maybe("0" * 32),
+        source={"service": maybe(text(rng, 5)), "instance": maybe(text(rng, 5))},
+        incomplete=rng.random() < 0.5,
+        chunk_count=maybe(rng.randint(0, 1000)),
+        truncated=rng.random() < 0.5,
+        metadata_dropped=rng.randint(0, 20),
+        tags={text(rng, 5): text(rng, 5) for _ in range(rng.randint(0, 2))},
+        cost=maybe({"input_usd": rng.random(), "output_usd": 0.0, "total_usd": 1.25,
+                    "estimated": rng.random() < 0.5}),
+    )  # fmt: skip
+
+
+class TestGeneratedEncoder:
+    def test_the_schema_is_supported(self) -> None:
+        """The current schema compiles (else the producer silently uses the slower codec)."""
+        assert ENCODE is not None
+
+    def test_bytes_equal_the_codec_on_random_events(self) -> None:
+        """500 random events (unicode, negatives, empty and full maps, nulls): same bytes."""
+        assert ENCODE is not None
+        rng = random.Random(7)
+        for _ in range(500):
+            event = random_event(rng)
+            assert ENCODE(event) == encode(event, SID)
+            assert decode(ENCODE(event))["request_id"] == event["request_id"]
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("status_code", "200"), ("model", 5), ("metadata", {"k": 1}), ("ts_ms", 1.5),
+         ("latency_ms", "fast"), ("usage", {"prompt_tokens": "x"})],
+    )  # fmt: skip
+    def test_what_does_not_fit_raises(self, field: str, value: object) -> None:
+        """A wrong type raises, so the producer asks the codec (which names the field)."""
+        assert ENCODE is not None
+        event = new_event()
+        event[field] = value
+        with pytest.raises(Exception):  # noqa: B017 - any error means "fall back"
+            ENCODE(event)
