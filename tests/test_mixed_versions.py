@@ -10,11 +10,8 @@ Each sink must get every event with the fields its version knows.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,9 +21,10 @@ from auditpipe.schemas.registry import FileRegistry
 from auditpipe.sinks import Sink
 from auditpipe.sinks.runner import SinkRunner
 
-from auditpipe.settings import Settings, load_settings
+from auditpipe.settings import Settings
 
 from .kafkautil import consume, produce
+from .workers import spawn_worker, stop
 
 N = 10
 V1_FIELDS = frozenset(f["name"] for f in FileRegistry().by_id(1).schema.json["fields"])
@@ -58,40 +56,12 @@ class V1Sink(LatestSink):
     name = "v1-pinned"
 
 
-def write_config(settings: Settings, path: Path) -> Path:
-    k, p = settings.kafka, settings.processors
-    path.write_text(
-        f'[kafka]\nbootstrap = "{k.bootstrap}"\nraw_topic = "{k.raw_topic}"\n'
-        f'events_topic = "{k.events_topic}"\ndlq_topic = "{k.dlq_topic}"\n'
-        f"partitions = {k.partitions}\n"
-        f'[processors]\napp_id = "{p.app_id}"\ndata_dir = "{p.data_dir}"\n'
-        "session_timeout_secs = 2\nheartbeat_interval_secs = 0.5\n"
-        # no enrich/redact/sample: this test is about versions, so values must pass unchanged
-        "[pipeline]\nsteps = []\n"
-    )
-    return path
-
-
 @pytest.fixture
 def worker(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    config = write_config(settings, tmp_path / "auditpipe.toml")
-    load_settings(config, env={})  # the config itself must be valid
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITPIPE_")}
-    with open(tmp_path / "worker.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "auditpipe", "process", "--config", str(config)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+    # no enrich/redact/sample: this test is about versions, so values must pass unchanged
+    proc = spawn_worker(settings, tmp_path, steps=[])
     yield proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc)
 
 
 def v1_event(i: int) -> Event:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,45 +13,7 @@ from auditpipe.dlq import H_REASON, H_STAGE, headers_dict
 from auditpipe.settings import Settings
 
 from .kafkautil import consume, produce, run
-
-
-def write_config(settings: Settings, path: Path, steps: list[str] | None = None) -> Path:
-    k, p = settings.kafka, settings.processors
-    path.write_text(
-        f'[kafka]\nbootstrap = "{k.bootstrap}"\nraw_topic = "{k.raw_topic}"\n'
-        f'events_topic = "{k.events_topic}"\ndlq_topic = "{k.dlq_topic}"\n'
-        f"partitions = {k.partitions}\n"
-        f'[processors]\napp_id = "{p.app_id}"\ndata_dir = "{p.data_dir}"\n'
-        f"session_timeout_secs = {p.session_timeout_secs}\n"
-        f"heartbeat_interval_secs = {p.heartbeat_interval_secs}\n"
-        + (f"web_port = {p.web_port}\n" if p.web_port else "")
-        + (f"[pipeline]\nsteps = {steps!r}\n".replace("'", '"') if steps is not None else "")
-    )
-    return path
-
-
-def spawn_worker(
-    settings: Settings, tmp_path: Path, name: str = "worker", steps: list[str] | None = None
-) -> subprocess.Popen[bytes]:
-    """`auditpipe process` as users run it, configured by a settings file."""
-    config = write_config(settings, tmp_path / f"{name}.toml", steps)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITPIPE_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "auditpipe", "process", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / f"{name}.log", "wb"),
-    )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+from .workers import spawn_worker, stop
 
 
 @pytest.fixture
