@@ -45,7 +45,6 @@ from auditpipe.schemas import Event, EventValidationError, encode, latest_schema
 from auditpipe.kafka import producer_kwargs, require_bootstrap
 from auditpipe.settings import Settings, load_settings, settings_path_from_env
 
-from ._avro import compile_encoder
 from ._spool import Spool, SpoolError, WriteFn
 
 log = logging.getLogger("auditpipe.producer")
@@ -119,7 +118,6 @@ class AuditProducer:
         self._rr = 0
         self._last_yield = 0.0
         self._schema_id = latest_schema_id()
-        self._fast_encode = compile_encoder(self._schema_id)
         self._seq = 0
         self._generation = 0
         self._spool: Spool | None = None
@@ -352,12 +350,6 @@ class AuditProducer:
     def _encode(self, event: Event) -> bytes | None:
         self._stamp_source(event)
         self._yield_gil()
-        fast = self._fast_encode
-        if fast is not None:
-            try:
-                return fast(event)
-            except Exception:  # does not fit: the codec says why (or manages after all)
-                pass
         try:
             return encode(event, self._schema_id)
         except EventValidationError as exc:

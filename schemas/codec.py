@@ -19,6 +19,7 @@ import io
 import json
 import struct
 import time
+from collections.abc import Callable
 from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, cast
@@ -206,6 +207,17 @@ def _describe_validation(exc: fastavro.validation.ValidationError) -> str:
 def encode(event: Event, schema_id: int | None = None) -> bytes:
     """Frame and encode ``event``. Raises :class:`EventValidationError` when it does not fit."""
     sid = schema_id or latest_schema_id()
+    fast = _fast_encoder(sid)
+    if fast is not None:
+        try:
+            return fast(event)
+        except Exception:  # does not fit: fastavro below says why (or manages after all)
+            pass
+    return encode_with_fastavro(event, sid)
+
+
+def encode_with_fastavro(event: Event, sid: int) -> bytes:
+    """The reference encoder (fastavro); :func:`encode` uses it when the fast path refuses."""
     schema = schema_by_id(sid)
     buf = io.BytesIO()
     buf.write(_HEADER.pack(MAGIC, sid))
@@ -217,6 +229,13 @@ def encode(event: Event, schema_id: int | None = None) -> bytes:
         validate(event, sid)  # names the field when it can
         raise EventValidationError(f"invalid AuditEvent: {type(exc).__name__}: {exc}") from exc
     return buf.getvalue()
+
+
+@cache
+def _fast_encoder(schema_id: int) -> Callable[[Event], bytes] | None:
+    from .fastenc import compile_encoder  # generated from the schema; same bytes as fastavro
+
+    return compile_encoder(schema_id)
 
 
 def decode(

@@ -1,7 +1,7 @@
-"""A fast AuditEvent encoder for the sender thread, generated from the Avro schema.
+"""A fast AuditEvent encoder, generated from the Avro schema (the codec's fast path).
 
 fastavro spends ~30 us on one AuditEvent (about 40 fields, unions resolved by trying branches);
-the sender's throughput is bounded by that. :func:`compile_encoder` turns the schema into one
+producers and processors are bounded by that. :func:`compile_encoder` turns the schema into one
 straight-line Python function (unions here are all ``["null", X]``), which writes the same
 bytes in about a third of the time. The output is the Confluent-framed value that
 :func:`auditpipe.schemas.encode` produces, byte for byte (a test compares them on many events).
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from auditpipe.schemas import Event
-from auditpipe.schemas.codec import schema_by_id
+
+from .codec import Event, schema_by_id
 
 _PACK_DOUBLE = struct.Struct("<d").pack
 _PACK_FLOAT = struct.Struct("<f").pack
