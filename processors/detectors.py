@@ -123,6 +123,9 @@ _B = r"(?<![A-Za-z0-9_])"  # a token starts here (left boundary)
 _E = r"(?![A-Za-z0-9_])"  # and ends here
 
 
+_DIGIT = re.compile(r"[0-9]")
+
+
 def _re(pattern: str, flags: int = 0) -> re.Pattern[str]:
     return re.compile(pattern, flags)
 
@@ -327,8 +330,22 @@ class Gate:
         self.by_literal = tuple(by_literal.items())
         self.by_lower = tuple(by_lower.items())
         self.by_digit = tuple((d, d.hint_re) for d in detectors if d.digits)
+        self._cache: dict[str, list[Detector]] = {}
+
+    _SHORT = 96  # strings up to this length are memoised: roles, ids, models, header values
+    _CACHE_MAX = 8192
 
     def candidates(self, text: str) -> list[Detector]:
+        if len(text) <= self._SHORT:
+            cached = self._cache.get(text)
+            if cached is None:
+                if len(self._cache) >= self._CACHE_MAX:
+                    self._cache.clear()
+                cached = self._cache[text] = self._candidates(text)
+            return cached
+        return self._candidates(text)
+
+    def _candidates(self, text: str) -> list[Detector]:
         found = list(self.unconditional)
         for x, dets in self.by_literal:
             if x in text:
@@ -338,7 +355,7 @@ class Gate:
             for x, dets in self.by_lower:
                 if x in low:
                     found.extend(dets)
-        if self.by_digit and any(c in text for c in "0123456789"):
+        if self.by_digit and _DIGIT.search(text) is not None:
             for d, hint in self.by_digit:
                 if hint is None or hint.search(text) is not None:
                     found.append(d)
