@@ -10,6 +10,11 @@ offset means the lines are on disk; ``rotate`` fsyncs only when a segment is clo
 ``never`` leaves it to the OS (both are faster, and a power loss can lose what the runner had
 already committed).
 
+Redelivery: the runner redelivers events whose offsets were not committed (after a crash
+between the write and the commit). The sink remembers the ids of the last
+``dedupe_window_events`` events it wrote (at start it reads them back from the end of the
+newest segments) and skips those, so a redelivered batch is not appended twice.
+
 A full disk (or any other OSError) never crashes the runner: the partial write is truncated
 away, so the retried batch does not duplicate lines, and :class:`RetriableSinkError` makes the
 runner pause and retry until space is back. A segment that cannot be gzipped for lack of space
@@ -26,10 +31,12 @@ import os
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
+import orjson
 from auditpipe.schemas import Event, to_json
 from pydantic import Field
 
@@ -50,6 +57,9 @@ class FileConfig(StrictModel):
     gzip: bool = True
     gzip_level: int = Field(6, ge=1, le=9)
     fsync: Literal["batch", "rotate", "never"] = "batch"
+    dedupe_window_events: int = Field(
+        100_000, ge=0, description="recently written event ids skipped on redelivery (0: off)"
+    )
 
 
 class FileSink(Sink):
@@ -67,16 +77,65 @@ class FileSink(Sink):
         self._opened_at = 0.0
         self._seq = 0
         self._lock = threading.Lock()
+        self._recent: OrderedDict[str, None] = OrderedDict()
         # Seam for tests that cannot mount a small filesystem: os.write's signature.
         self.os_write: Callable[[int, bytes | memoryview], int] = os.write
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self._open)
+        if self.config.dedupe_window_events and not self._recent:
+            await asyncio.to_thread(self._load_recent)
 
     async def write(self, batch: Sequence[Event]) -> None:
+        window = self.config.dedupe_window_events
+        if window:
+            fresh, seen = [], set()
+            for event in batch:
+                eid = event["event_id"]
+                if eid not in self._recent and eid not in seen:
+                    fresh.append(event)
+                    seen.add(eid)
+            batch = fresh
+        if not batch:
+            return
         data = b"".join(to_json(event) + b"\n" for event in batch)
         await asyncio.to_thread(self._write_sync, data)
+        if window:
+            for event in batch:
+                self._recent[event["event_id"]] = None
+            while len(self._recent) > window:
+                self._recent.popitem(last=False)
+
+    def _load_recent(self) -> None:
+        """Read back the ids of the newest ``dedupe_window_events`` lines on disk."""
+        window = self.config.dedupe_window_events
+        ids: list[str] = []
+        sources = [self.path, *reversed(self._segments())]
+        for source in sources[:3]:
+            try:
+                if source.name.endswith(".gz"):
+                    data = gzip.decompress(source.read_bytes())
+                else:
+                    with open(source, "rb") as fh:
+                        size = fh.seek(0, os.SEEK_END)
+                        fh.seek(max(0, size - 64 * 1024 * 1024))
+                        data = fh.read()
+            except (OSError, EOFError, gzip.BadGzipFile) as exc:
+                log.warning("file sink: cannot read back %s: %s", source, exc)
+                continue
+            lines = data.split(b"\n")
+            found = []
+            for line in lines[-window - 1 :]:
+                try:
+                    found.append(orjson.loads(line)["event_id"])
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    continue  # a torn or foreign line
+            ids = found + ids
+            if len(ids) >= window:
+                break
+        for eid in ids[-window:]:
+            self._recent[eid] = None
 
     async def stop(self) -> None:
         await asyncio.to_thread(self._close)

@@ -41,6 +41,7 @@ class MongoConfig(StrictModel):
     write_concern_journal: bool | None = Field(True, description="wait for the journal")
     write_timeout_secs: float | None = Field(None, gt=0, description="write concern timeout")
     server_selection_timeout_secs: float = Field(10.0, gt=0)
+    operation_timeout_secs: float = Field(30.0, gt=0, description="per insert, retries included")
     create_indexes: bool = True
     metadata_index_keys: list[str] = Field(default_factory=list)
     retention_days: float | None = Field(None, gt=0, description="TTL on ts; None keeps all")
@@ -74,6 +75,7 @@ class MongoSink(Sink):
         self._client = AsyncMongoClient(
             c.uri,
             serverSelectionTimeoutMS=int(c.server_selection_timeout_secs * 1000),
+            timeoutMS=int(c.operation_timeout_secs * 1000),
             tz_aware=True,
         )
         wc = WriteConcern(

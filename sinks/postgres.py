@@ -98,8 +98,8 @@ CREATE TABLE IF NOT EXISTS {s}.metadata (
 
 def _load_sql(schema: str) -> list[str]:
     s = f'"{schema}"'
-    inp = "ev->'input'"
-    out = "ev->'output'"
+    inp = "(ev->'input')"
+    out = "(ev->'output')"
     return [
         f"""INSERT INTO {s}.requests
             (id, "timestamp", request_id, endpoint, model, parameters, inputs, raw_request)
