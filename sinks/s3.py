@@ -34,6 +34,7 @@ import orjson
 from auditpipe.schemas import Event, latest_schema_id, schema_by_id, to_json
 from pydantic import Field, SecretStr, model_validator
 
+from auditpipe.errors import ConfigError
 from auditpipe.settings import StrictModel
 
 from .base import PermanentSinkError, RetriableSinkError, Sink, batch_source
@@ -96,6 +97,12 @@ class S3Sink(Sink):
         self._sem: asyncio.Semaphore | None = None
 
     async def start(self) -> None:
+        if self.config.format == "avro":
+            try:
+                fastavro.writer(io.BytesIO(), schema_by_id(latest_schema_id()), [],
+                                codec=self.config.avro_codec)  # fmt: skip
+            except Exception as exc:  # the codec's library is missing
+                raise ConfigError(f"sinks.s3.avro_codec: {exc}") from None
         if self._client is None:
             self._client = await asyncio.to_thread(self._make_client)
         self._sem = asyncio.Semaphore(self.config.concurrency)
