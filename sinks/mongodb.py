@@ -39,9 +39,10 @@ class MongoConfig(StrictModel):
         "majority", description='nodes to acknowledge, or "majority"'
     )
     write_concern_journal: bool | None = Field(True, description="wait for the journal")
-    write_timeout_secs: float | None = Field(None, gt=0, description="write concern timeout")
     server_selection_timeout_secs: float = Field(10.0, gt=0)
-    operation_timeout_secs: float = Field(30.0, gt=0, description="per insert, retries included")
+    operation_timeout_secs: float = Field(
+        30.0, gt=0, description="per insert, write-concern wait and retries included"
+    )
     create_indexes: bool = True
     metadata_index_keys: list[str] = Field(default_factory=list)
     retention_days: float | None = Field(None, gt=0, description="TTL on ts; None keeps all")
@@ -67,6 +68,7 @@ class MongoSink(Sink):
         self._collection: Any = None
 
     async def start(self) -> None:
+        import pymongo
         from pymongo import AsyncMongoClient
         from pymongo.errors import PyMongoError
         from pymongo.write_concern import WriteConcern
@@ -78,15 +80,13 @@ class MongoSink(Sink):
             timeoutMS=int(c.operation_timeout_secs * 1000),
             tz_aware=True,
         )
-        wc = WriteConcern(
-            w=c.write_concern_w,
-            j=c.write_concern_journal,
-            wtimeout=int(c.write_timeout_secs * 1000) if c.write_timeout_secs else None,
-        )
+        # No wtimeout: with timeoutMS set, the driver bounds the write-concern wait by it.
+        wc = WriteConcern(w=c.write_concern_w, j=c.write_concern_journal)
         self._collection = self._client[c.database].get_collection(c.collection, write_concern=wc)
         if c.create_indexes:
             try:
-                await self.ensure_indexes()
+                with pymongo.timeout(c.server_selection_timeout_secs):  # fail fast at start
+                    await self.ensure_indexes()
             except PyMongoError as exc:
                 await self.stop()
                 raise RetriableSinkError(

@@ -4,6 +4,7 @@
 - ``pg_dsn`` (session): a database of this session's own on the machine's PostgreSQL
   (127.0.0.1:5432, user postgres, trust auth); if none answers, a throwaway cluster started
   with ``initdb``/``pg_ctl``. Fails (never skips) saying what is missing.
+- :class:`FakeMongo`: ``mockupdb`` answering like a server (no MongoDB can be installed here).
 - :class:`PgCluster`: a throwaway cluster a test owns and may stop and restart.
 """
 
@@ -17,8 +18,9 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,6 +91,59 @@ def moto_s3() -> Iterator[MotoS3]:
         yield server
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# MongoDB (wire level)
+
+
+def inserted_documents(req: Any) -> list[Any]:
+    """The documents of an insert command (OP_MSG: a document sequence or the body)."""
+    docs = req.doc.get("documents")
+    return list(docs) if docs is not None else list(req.docs[1:])
+
+
+class FakeMongo:
+    """mockupdb answering like a server with one unique index on _id (inserts only)."""
+
+    def __init__(self) -> None:
+        from mockupdb import MockupDB
+
+        self.docs: dict[str, dict[str, Any]] = {}
+        self.commands: list[dict[str, Any]] = []
+        # Override to answer inserts yourself: request -> reply document.
+        self.insert_reply: Callable[[Any], dict[str, Any]] | None = None
+        self.server = MockupDB()
+        self.server.autoresponds(self._handle)
+        self.server.run()
+        self.uri = self.server.uri
+
+    def _handle(self, req: Any) -> bool:
+        name = req.command_name
+        if name in ("hello", "ismaster", "isMaster"):
+            return bool(req.reply({
+                "ok": 1, "ismaster": True, "isWritablePrimary": True,
+                "maxWireVersion": 21, "minWireVersion": 0,
+            }))  # fmt: skip
+        self.commands.append(dict(req.doc))
+        if name == "insert" and self.insert_reply is not None:
+            return bool(req.reply(self.insert_reply(req)))
+        if name == "insert":
+            errors = []
+            docs = inserted_documents(req)
+            for i, doc in enumerate(docs):
+                if doc["_id"] in self.docs:
+                    errors.append({"index": i, "code": 11000, "errmsg": "E11000 duplicate key"})
+                else:
+                    self.docs[doc["_id"]] = dict(doc)
+            reply: dict[str, Any] = {"ok": 1, "n": len(docs) - len(errors)}
+            if errors:
+                reply["writeErrors"] = errors
+            return bool(req.reply(reply))
+        return bool(req.reply({"ok": 1}))
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 # ---------------------------------------------------------------------------------------------

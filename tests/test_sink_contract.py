@@ -30,7 +30,7 @@ from auditpipe.sinks.runner import SinkRunner
 from auditpipe.errors import ConfigError
 from auditpipe.settings import Settings
 
-from .sinkfixtures import MotoS3
+from .sinkfixtures import FakeMongo, MotoS3
 from .sinkutil import committed, fast, make_events, produce_events, run_until
 
 
@@ -114,51 +114,6 @@ class PostgresHarness(Harness):
             meta = conn.execute(f'SELECT count(*) FROM "{self.schema}".metadata').fetchone()
         assert meta and meta[0] == len(rows), "every request has its metadata row"
         return [r[0] for r in rows]
-
-
-def inserted_documents(req: Any) -> list[Any]:
-    """The documents of an insert command (OP_MSG: a document sequence or the body)."""
-    docs = req.doc.get("documents")
-    return list(docs) if docs is not None else list(req.docs[1:])
-
-
-class FakeMongo:
-    """mockupdb answering like a server with one unique index on _id (inserts only)."""
-
-    def __init__(self) -> None:
-        from mockupdb import MockupDB
-
-        self.docs: dict[str, dict[str, Any]] = {}
-        self.commands: list[dict[str, Any]] = []
-        self.server = MockupDB()
-        self.server.autoresponds(self._handle)
-        self.server.run()
-        self.uri = self.server.uri
-
-    def _handle(self, req: Any) -> bool:
-        name = req.command_name
-        if name in ("hello", "ismaster", "isMaster"):
-            return bool(req.reply({
-                "ok": 1, "ismaster": True, "isWritablePrimary": True,
-                "maxWireVersion": 21, "minWireVersion": 0,
-            }))  # fmt: skip
-        self.commands.append(dict(req.doc))
-        if name == "insert":
-            errors = []
-            docs = inserted_documents(req)
-            for i, doc in enumerate(docs):
-                if doc["_id"] in self.docs:
-                    errors.append({"index": i, "code": 11000, "errmsg": "E11000 duplicate key"})
-                else:
-                    self.docs[doc["_id"]] = dict(doc)
-            reply: dict[str, Any] = {"ok": 1, "n": len(docs) - len(errors)}
-            if errors:
-                reply["writeErrors"] = errors
-            return bool(req.reply(reply))
-        return bool(req.reply({"ok": 1}))
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 class MongoHarness(Harness):
