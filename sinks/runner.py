@@ -73,6 +73,9 @@ class _Partition:
     retry_at: float = 0.0
     backoff: float = 0.0
     committed: int | None = None
+    task: asyncio.Task[bool] | None = None  # the write in flight (one per partition)
+    full: bool = False  # paused because two batches' worth is buffered
+    paused: bool = False
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -80,8 +83,12 @@ class _Rebalance(ConsumerRebalanceListener):
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # Buffered records of a revoked partition are uncommitted: its next owner reads them.
+        # A write in flight finishes (and commits) first; buffered records of a revoked
+        # partition are uncommitted: its next owner reads them.
         for tp in revoked:
+            part = self.runner._parts.get(tp)
+            if part is not None and part.task is not None:
+                await asyncio.wait({part.task})
             self.runner._parts.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -189,15 +196,53 @@ class SinkRunner:
                     part.records.extend(msgs)
                     part.nbytes += sum(_size(m) for m in msgs)
                     self.stats.received += len(msgs)
-                await self._flush(consumer, final=False)
+                    if (
+                        len(part.records) >= 2 * runner.max_events
+                        or part.nbytes >= 2 * runner.max_bytes
+                    ):
+                        part.full = True
+                        self._set_paused(consumer, tp, part)
+                self._schedule(consumer)
+            in_flight = [p.task for p in self._parts.values() if p.task is not None]
+            if in_flight:
+                await asyncio.wait(in_flight)
+            self._collect()
             await self._flush(consumer, final=True)
         finally:
             stopping.cancel()
+
+    def _collect(self) -> None:
+        for part in self._parts.values():
+            if part.task is not None and part.task.done():
+                if not part.task.cancelled() and part.task.exception() is not None:
+                    self._count_error(part.task.exception())  # type: ignore[arg-type]
+                    log.error("sink %s: delivery failed: %r", self.sink.name, part.task.exception())
+                part.task = None
+
+    def _schedule(self, consumer: AIOKafkaConsumer) -> None:
+        """Start a write for every ready partition that has none in flight.
+
+        Writes of different partitions overlap each other and the next fetch; a partition's
+        batches are written and committed strictly in order.
+        """
+        self._collect()
+        now = time.monotonic()
+        for tp, part in self._parts.items():
+            if part.task is None and self._ready(part, now):
+                part.task = asyncio.create_task(self._deliver(consumer, tp, part))
+
+    def _set_paused(self, consumer: AIOKafkaConsumer, tp: TopicPartition, part: _Partition) -> None:
+        want = part.full or part.failing_since is not None
+        if want != part.paused and tp in consumer.assignment():
+            (consumer.pause if want else consumer.resume)(tp)
+            part.paused = want
 
     def _poll_timeout(self) -> float:
         runner = self.settings.runner
         now = time.monotonic()
         timeout = max(runner.max_wait_secs, 0.05)
+        if any(p.task is not None for p in self._parts.values()):
+            timeout = 0.005  # come back soon to start the partition's next write
         for part in self._parts.values():
             if not part.records:
                 continue
@@ -267,12 +312,16 @@ class SinkRunner:
         del part.records[: len(chunk)]
         part.nbytes = sum(_size(m) for m in part.records)
         part.since = time.monotonic()
+        runner = self.settings.runner
+        if part.full and (
+            len(part.records) < 2 * runner.max_events and part.nbytes < 2 * runner.max_bytes
+        ):
+            part.full = False
         if part.failing_since is not None:
             part.failing_since = None
             part.backoff = 0.0
-            if tp in consumer.assignment():
-                consumer.resume(tp)
             log.warning("sink %s: %s recovered", self.sink.name, tp)
+        self._set_paused(consumer, tp, part)
         self.stats.batches += 1
         self.stats.dead_lettered += len(dead)
         written = len(batch) - len(rejected)
@@ -305,8 +354,7 @@ class SinkRunner:
         delay = part.backoff * (0.5 + random.random())
         if part.failing_since is None:
             part.failing_since = now
-            if tp in consumer.assignment():
-                consumer.pause(tp)
+            self._set_paused(consumer, tp, part)
         part.retry_at = now + delay
         log.warning(
             "sink %s: %s write failed (%s: %s); partition paused, retry in %.2fs",
