@@ -447,6 +447,10 @@ class SinkRunner:
                 for tp, p in self._parts.items()
                 if p.failing_since is not None
             ),
+            "backpressured": sorted(
+                f"{tp.topic}[{tp.partition}]" for tp, p in self._parts.items() if p.full
+            ),
+            "buffered": sum(len(p.records) for p in self._parts.values()),
             "lag": sum(self.lag().values()),
             "errors": dict(s.errors),
         }

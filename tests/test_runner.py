@@ -231,6 +231,36 @@ class TestBatchingAndBackpressure:
         runner = asyncio.run(scenario())
         assert runner.stats.written == 40
 
+    def test_a_slow_sink_pauses_fetching_so_memory_stays_bounded(self, settings: Settings) -> None:
+        """While a write hangs, at most two batches (plus one fetch) are buffered, then paused."""
+        s = fast(settings, max_events=5, max_wait_secs=0.01)
+        release = asyncio.Event()
+
+        class SlowSink(PartitionSink):
+            async def write(self, batch: Sequence[Event]) -> None:
+                await release.wait()
+                await super().write(batch)
+
+        sink = SlowSink()
+
+        async def scenario() -> None:
+            await produce_keyed(s, keyed(60, 0))
+            runner = SinkRunner(sink, s)
+            task = asyncio.create_task(runner.run())
+            try:
+                await wait_for(lambda: runner.snapshot()["backpressured"], 30, "backpressure")
+                assert runner.snapshot()["buffered"] <= 3 * 5
+                assert runner.stats.received < 60
+                release.set()
+                await wait_for(lambda: sink.count() == 60, 30, "all written once released")
+                assert runner.snapshot()["backpressured"] == []
+            finally:
+                release.set()
+                runner.stop()
+                await asyncio.wait_for(task, 15)
+
+        asyncio.run(scenario())
+
     def test_stop_writes_the_buffered_batch_and_commits(self, settings: Settings) -> None:
         """SIGTERM path: records still waiting for max_wait_secs are written and committed."""
         s = fast(settings, max_events=1000, max_wait_secs=60.0)
