@@ -71,9 +71,8 @@ def _registry(runner: SinkRunner) -> Any:
 
 async def serve_health(runner: SinkRunner, host: str, port: int) -> asyncio.Server:
     """Start the endpoint (``port`` 0 = any free port); the caller closes the server."""
+    registry = _registry(runner)  # raises ConfigError without prometheus-client
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    registry = _registry(runner)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

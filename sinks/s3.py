@@ -37,7 +37,7 @@ from pydantic import Field, SecretStr, model_validator
 from auditpipe.errors import ConfigError
 from auditpipe.settings import StrictModel
 
-from .base import PermanentSinkError, RetriableSinkError, Sink, batch_source
+from .base import Batch, PermanentSinkError, RetriableSinkError, Sink, batch_source
 
 
 class S3Config(StrictModel):
@@ -153,16 +153,22 @@ class S3Sink(Sink):
                  "application/json")
                 for e in batch
             ]  # fmt: skip
-        topic, partition, first = batch_source(batch)
-        offsets = getattr(batch, "offsets", None) or list(range(first, first + len(batch)))
+        # From the runner: named by source offsets. A plain sequence (no source): by the
+        # group's first event id, so that different batches never share a name.
+        sourced = isinstance(batch, Batch)
+        topic, partition, _ = batch_source(batch)
+        offsets = batch.offsets if isinstance(batch, Batch) else list(range(len(batch)))
         groups: dict[str, list[tuple[int, Event]]] = {}
         for offset, event in zip(offsets, batch, strict=True):
             groups.setdefault(_hour(event["ts_ms"]), []).append((offset, event))
         out = []
         for hour, items in groups.items():
             start = min(o for o, _ in items)
-            stem = f"{prefix}{hour}/{topic}-{partition}-{start:020d}"
             events = [e for _, e in items]
+            name = (
+                f"{topic}-{partition}-{start:020d}" if sourced else f"batch-{events[0]['event_id']}"
+            )
+            stem = f"{prefix}{hour}/{name}"
             if self.config.format == "avro":
                 out.append((f"{stem}.avro", self._avro(events), "application/avro"))
             else:

@@ -93,7 +93,7 @@ class TestLayout:
         evs = make_events(5, ts_ms=HOUR10)
         asyncio.run(write(s3_sink(moto_s3, bucket, format="avro", avro_codec=codec), evs))
         ((key, body),) = objects(moto_s3, bucket).items()
-        assert key.endswith("events-0-00000000000000000000.avro")
+        assert key.endswith(f"/batch-{evs[0]['event_id']}.avro")  # a plain list: no offsets
         reader = fastavro.reader(io.BytesIO(body))
         assert reader.codec == codec
         records = list(reader)
