@@ -7,13 +7,18 @@ that do not decode are dead-lettered (original bytes, reason in headers). Only a
 and the dead letters succeeded is the partition's offset committed, so every committed offset
 covers events that are durably stored or in the DLQ.
 
+Each partition has at most one write in flight (a task), so its batches are written and
+committed in offset order, while the loop keeps fetching and other partitions' writes run
+concurrently. A partition with four batches' worth buffered behind a slow write is paused
+until it drains: memory stays bounded.
+
 Errors, and who handles them:
 
 - :class:`RetriableSinkError` (and any unexpected exception): the partition is paused
-  (``consumer.pause``: nothing more is fetched for it, so memory stays bounded by one batch
-  plus what was already prefetched) and the same batch, same first offset, is retried after an
-  exponential, jittered delay (``backoff_initial_secs`` doubling up to ``backoff_max_secs``).
-  Other partitions keep flowing. On success the partition is resumed.
+  (``consumer.pause``: nothing more is fetched for it) and the same batch, same first
+  offset, is retried after an exponential, jittered delay (``backoff_initial_secs``
+  doubling up to ``backoff_max_secs``). Other partitions keep flowing. On success the
+  partition is resumed.
 - :class:`PermanentSinkError`: the batch is bisected until the rejected events are isolated;
   those are dead-lettered (stage ``sink:NAME``, reason ``rejected``) and the rest written.
 - A DLQ that does not take the records counts as retriable: nothing is committed.
@@ -74,7 +79,7 @@ class _Partition:
     backoff: float = 0.0
     committed: int | None = None
     task: asyncio.Task[bool] | None = None  # the write in flight (one per partition)
-    full: bool = False  # paused because two batches' worth is buffered
+    full: bool = False  # paused because four batches' worth is buffered
     paused: bool = False
 
 
@@ -173,19 +178,30 @@ class SinkRunner:
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         runner = self.settings.runner
         stopping = asyncio.ensure_future(self._stopping.wait())
+        poll: asyncio.Future[Any] | None = None
         try:
             while not self._stopping.is_set():
-                poll = asyncio.ensure_future(
-                    consumer.getmany(
-                        timeout_ms=int(self._poll_timeout() * 1000) or 1,
-                        max_records=runner.max_events,
+                if poll is None:
+                    poll = asyncio.ensure_future(
+                        consumer.getmany(
+                            timeout_ms=int(self._poll_timeout() * 1000) or 1,
+                            max_records=runner.max_events,
+                        )
                     )
+                # Wake for records, for a finished write (to start the partition's next one),
+                # for a retry that is due, or to stop.
+                writes = [p.task for p in self._parts.values() if p.task is not None]
+                await asyncio.wait(
+                    {poll, stopping, *writes},
+                    timeout=self._poll_timeout(),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-                await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not poll.done():
-                    poll.cancel()
+                if self._stopping.is_set():
                     break
-                records = poll.result()
+                if not poll.done():
+                    self._schedule(consumer)
+                    continue
+                records, poll = poll.result(), None
                 if consumer.assignment():
                     self.assigned.set()
                 now = time.monotonic()
@@ -197,12 +213,14 @@ class SinkRunner:
                     part.nbytes += sum(_size(m) for m in msgs)
                     self.stats.received += len(msgs)
                     if (
-                        len(part.records) >= 2 * runner.max_events
-                        or part.nbytes >= 2 * runner.max_bytes
+                        len(part.records) >= 4 * runner.max_events
+                        or part.nbytes >= 4 * runner.max_bytes
                     ):
                         part.full = True
                         self._set_paused(consumer, tp, part)
                 self._schedule(consumer)
+            if poll is not None and not poll.done():
+                poll.cancel()
             in_flight = [p.task for p in self._parts.values() if p.task is not None]
             if in_flight:
                 await asyncio.wait(in_flight)
@@ -210,6 +228,8 @@ class SinkRunner:
             await self._flush(consumer, final=True)
         finally:
             stopping.cancel()
+            if poll is not None and not poll.done():
+                poll.cancel()
 
     def _collect(self) -> None:
         for part in self._parts.values():
@@ -241,11 +261,9 @@ class SinkRunner:
         runner = self.settings.runner
         now = time.monotonic()
         timeout = max(runner.max_wait_secs, 0.05)
-        if any(p.task is not None for p in self._parts.values()):
-            timeout = 0.005  # come back soon to start the partition's next write
         for part in self._parts.values():
-            if not part.records:
-                continue
+            if not part.records or part.task is not None:
+                continue  # a write in flight wakes the loop when it finishes
             due = part.retry_at if part.failing_since is not None else part.since
             due += 0 if part.failing_since is not None else runner.max_wait_secs
             timeout = min(timeout, due - now)
@@ -314,7 +332,7 @@ class SinkRunner:
         part.since = time.monotonic()
         runner = self.settings.runner
         if part.full and (
-            len(part.records) < 2 * runner.max_events and part.nbytes < 2 * runner.max_bytes
+            len(part.records) < 4 * runner.max_events and part.nbytes < 4 * runner.max_bytes
         ):
             part.full = False
         if part.failing_since is not None:
