@@ -4,6 +4,7 @@
     auditpipe process [--config FILE]                              a processor worker
     auditpipe sink NAME [--config FILE] | auditpipe sink --list   a sink consumer
     auditpipe redact [--config FILE] [INPUT|-] [-o OUTPUT|-] [--rejects FILE]
+    auditpipe sink NAME --migrate [--config FILE]                  create the sink's tables
     auditpipe broker [--port PORT]                                 the embedded broker alone
     auditpipe schemas compat OLD.avsc [OLD...] NEW.avsc [--mode M] can NEW follow OLD?
     auditpipe schemas check [--dir DIR]                            every version, FULL_TRANSITIVE
@@ -80,6 +81,14 @@ def cmd_sink(args: argparse.Namespace) -> int:
     if not args.name:
         raise ConfigError("auditpipe sink: name a sink (see `auditpipe sink --list`)")
     settings = _settings(args)
+    if args.migrate:
+        sink = create_sink(args.name, settings.sinks, _origin(args))
+        migrate = getattr(sink, "migrate", None)
+        if migrate is None:
+            raise ConfigError(f"sink {args.name!r} has nothing to migrate")
+        asyncio.run(migrate())
+        print(f"sink {args.name}: schema is up to date", file=sys.stderr)
+        return 0
     from .kafka import require_bootstrap
 
     require_bootstrap(settings.kafka)
@@ -237,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("name", nargs="?", help="sink name (see --list)")
     sink.add_argument("--list", action="store_true", help="list installed sinks and exit")
     sink.add_argument("--config", help="settings file (TOML); [sinks.NAME] configures the sink")
+    sink.add_argument("--migrate", action="store_true",
+                      help="create or update the sink's tables/schema, then exit")  # fmt: skip
     sink.set_defaults(func=cmd_sink)
 
     redact = sub.add_parser(

@@ -161,6 +161,21 @@ class RunnerSettings(StrictModel):
     max_events: int = Field(500, ge=1)
     max_wait_secs: float = Field(0.2, ge=0)
     session_timeout_secs: float = Field(10.0, gt=0)
+    max_bytes: int = Field(
+        4_194_304, ge=1, description="a partition's batch is written once its records reach this"
+    )
+    heartbeat_interval_secs: float | None = Field(
+        None, gt=0, description="default: a third of session_timeout_secs, at most 1 s"
+    )
+    backoff_initial_secs: float = Field(0.1, gt=0, description="first retry delay (jittered)")
+    backoff_max_secs: float = Field(30.0, gt=0, description="retry delays double up to this")
+    health_host: str = "127.0.0.1"
+    health_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /healthz and /metrics here; 0 = any free port"
+    )
+    unhealthy_after_secs: float = Field(
+        60.0, gt=0, description="/healthz answers 503 once a partition has failed this long"
+    )
     reader_schema_id: int | None = Field(
         None,
         ge=1,

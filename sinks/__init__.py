@@ -2,6 +2,7 @@
 
 from .base import (
     ENTRY_POINT_GROUP,
+    Batch,
     PermanentSinkError,
     RetriableSinkError,
     Sink,
@@ -13,6 +14,7 @@ from .base import (
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "Batch",
     "PermanentSinkError",
     "RetriableSinkError",
     "Sink",

@@ -12,6 +12,11 @@ commits, dead letters and shutdown.
   after a crash the runner redelivers events whose offsets were not committed.
 - ``stop()``: flush and close; safe without ``start()`` and safe twice.
 
+The runner hands ``write`` a :class:`Batch`: a list of events from one partition, in offset
+order, that also says where they came from (``topic``, ``partition``, ``offsets``), so a sink
+can name what it writes after the records (the s3 sink names objects by first offset, so a
+redelivered batch overwrites the same object). Sinks must also accept a plain sequence.
+
 Sinks are found through the ``auditpipe.sinks`` entry point group, so a third-party package
 adds one by declaring ``[project.entry-points."auditpipe.sinks"] NAME = "pkg.mod:Class"``.
 """
@@ -41,6 +46,36 @@ class RetriableSinkError(SinkError):
 
 class PermanentSinkError(SinkError):
     """The store rejects the data itself; retrying cannot help."""
+
+
+class Batch(list[Event]):
+    """Events of one partition in offset order, with their source (``offsets[i]`` is event i's)."""
+
+    def __init__(
+        self,
+        events: Sequence[Event] = (),
+        topic: str = "",
+        partition: int = 0,
+        offsets: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(events)
+        self.topic = topic
+        self.partition = partition
+        self.offsets = list(offsets) if offsets is not None else list(range(len(self)))
+
+    @property
+    def first_offset(self) -> int:
+        return self.offsets[0] if self.offsets else 0
+
+    def slice(self, start: int, stop: int) -> Batch:
+        return Batch(self[start:stop], self.topic, self.partition, self.offsets[start:stop])
+
+
+def batch_source(batch: Sequence[Event]) -> tuple[str, int, int]:
+    """(topic, partition, first offset) of ``batch``; neutral values for a plain sequence."""
+    if isinstance(batch, Batch):
+        return batch.topic, batch.partition, batch.first_offset
+    return "events", 0, 0
 
 
 class Sink(ABC):

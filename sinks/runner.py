@@ -1,11 +1,34 @@
 """The sink runner: one Kafka consumer group per sink, batches, commits after durable writes.
 
-For each poll the runner decodes the records, hands the decodable events to ``sink.write`` in
-one batch, dead-letters the rest (original bytes plus the reason in headers), and only then
-commits each partition's offset. A retriable failure retries the same batch with exponential
-backoff and jitter until it succeeds or the runner is stopped (offsets are then not committed,
-so nothing is lost: the events are redelivered). A permanent failure is narrowed down to the
-events the sink rejects, which are dead-lettered; the others are written.
+Records are buffered per partition. A partition's buffer is written (one ``sink.write`` call
+with a :class:`~auditpipe.sinks.base.Batch`) once it holds ``runner.max_events`` records or
+``runner.max_bytes`` bytes, or its oldest record has waited ``runner.max_wait_secs``. Records
+that do not decode are dead-lettered (original bytes, reason in headers). Only after the write
+and the dead letters succeeded is the partition's offset committed, so every committed offset
+covers events that are durably stored or in the DLQ.
+
+Each partition has at most one write in flight (a task), so its batches are written and
+committed in offset order, while the loop keeps fetching and other partitions' writes run
+concurrently. A partition with four batches' worth buffered behind a slow write is paused
+until it drains: memory stays bounded.
+
+Errors, and who handles them:
+
+- :class:`RetriableSinkError` (and any unexpected exception): the partition is paused
+  (``consumer.pause``: nothing more is fetched for it) and the same batch, same first
+  offset, is retried after an exponential, jittered delay (``backoff_initial_secs``
+  doubling up to ``backoff_max_secs``). Other partitions keep flowing. On success the
+  partition is resumed.
+- :class:`PermanentSinkError`: the batch is bisected until the rejected events are isolated;
+  those are dead-lettered (stage ``sink:NAME``, reason ``rejected``) and the rest written.
+- A DLQ that does not take the records counts as retriable: nothing is committed.
+
+:meth:`SinkRunner.stop` (SIGTERM/SIGINT in ``auditpipe sink``) stops fetching, gives every
+buffered batch one last write attempt, commits what was written and returns. Whatever was
+not written stays uncommitted and is redelivered to the next runner of the group.
+
+Health and metrics: with ``runner.health_port`` set, ``/healthz`` and ``/metrics``
+(Prometheus) are served; see :mod:`auditpipe.sinks.health`.
 """
 
 from __future__ import annotations
@@ -13,11 +36,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from auditpipe.schemas import DecodeError, Event, decode
 
@@ -25,9 +49,11 @@ from auditpipe.dlq import dead_letter_headers
 from auditpipe.kafka import producer_kwargs, require_bootstrap
 from auditpipe.settings import Settings
 
-from .base import PermanentSinkError, Sink
+from .base import Batch, PermanentSinkError, Sink
 
 log = logging.getLogger("auditpipe.sinks")
+
+Dead = tuple[ConsumerRecord, str, str, BaseException]
 
 
 @dataclass
@@ -37,7 +63,46 @@ class RunnerStats:
     retried: int = 0
     dead_lettered: int = 0
     commits: int = 0
+    batches: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Partition:
+    """What the runner holds for one assigned partition."""
+
+    records: list[ConsumerRecord] = field(default_factory=list)
+    nbytes: int = 0
+    since: float = 0.0  # monotonic time the oldest buffered record arrived
+    failing_since: float | None = None
+    retry_at: float = 0.0
+    backoff: float = 0.0
+    committed: int | None = None
+    task: asyncio.Task[bool] | None = None  # the write in flight (one per partition)
+    full: bool = False  # paused because four batches' worth is buffered
+    paused: bool = False
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, runner: SinkRunner) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        # A write in flight finishes (and commits) first; buffered records of a revoked
+        # partition are uncommitted: its next owner reads them.
+        for tp in revoked:
+            part = self.runner._parts.get(tp)
+            if part is not None and part.task is not None:
+                await asyncio.wait({part.task})
+            self.runner._parts.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned:
+            self.runner.assigned.set()
+
+
+def _size(msg: ConsumerRecord) -> int:
+    return len(msg.value or b"") + len(msg.key or b"")
 
 
 class SinkRunner:
@@ -56,124 +121,285 @@ class SinkRunner:
         self.stats = RunnerStats()
         self.group_id = f"{settings.runner.group_prefix}{sink.name}"
         self.assigned = asyncio.Event()
+        self.health_address: tuple[str, int] | None = None
         self._stopping = asyncio.Event()
+        self._running = False
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
+        self._parts: dict[TopicPartition, _Partition] = {}
 
     def stop(self) -> None:
-        """Ask the runner to finish the current batch, commit and return from :meth:`run`."""
+        """Ask the runner to finish the current batches, commit and return from :meth:`run`."""
         self._stopping.set()
 
     async def run(self) -> None:
         kafka, runner = self.settings.kafka, self.settings.runner
         session_ms = int(runner.session_timeout_secs * 1000)
+        heartbeat_ms = (
+            int(runner.heartbeat_interval_secs * 1000)
+            if runner.heartbeat_interval_secs
+            else max(100, min(1000, session_ms // 3))
+        )
         consumer = AIOKafkaConsumer(
-            kafka.events_topic,
             bootstrap_servers=require_bootstrap(kafka),
             client_id=f"{kafka.client_id}-sink-{self.sink.name}",
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=session_ms,
-            heartbeat_interval_ms=max(100, min(1000, session_ms // 3)),
+            heartbeat_interval_ms=heartbeat_ms,
             max_poll_records=runner.max_events,
         )
+        consumer.subscribe([kafka.events_topic], listener=_Rebalance(self))
         self._consumer = consumer
         self._dlq = AIOKafkaProducer(**producer_kwargs(kafka, self.settings.producer))
+        health = None
         await self.sink.start()
         try:
+            if runner.health_port is not None:
+                from .health import serve_health
+
+                health = await serve_health(self, runner.health_host, runner.health_port)
+                sock = health.sockets[0].getsockname()
+                self.health_address = (sock[0], sock[1])
             await self._dlq.start()
             await consumer.start()
+            self._running = True
             await self._loop(consumer)
         finally:
+            self._running = False
+            if health is not None:
+                health.close()
             await self._shutdown(consumer)
+
+    # -----------------------------------------------------------------------------------------
+    # The loop
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         runner = self.settings.runner
         stopping = asyncio.ensure_future(self._stopping.wait())
+        poll: asyncio.Future[Any] | None = None
         try:
             while not self._stopping.is_set():
-                poll = asyncio.ensure_future(
-                    consumer.getmany(
-                        timeout_ms=int(runner.max_wait_secs * 1000) or 1,
-                        max_records=runner.max_events,
+                if poll is None:
+                    poll = asyncio.ensure_future(
+                        consumer.getmany(
+                            timeout_ms=int(self._poll_timeout() * 1000) or 1,
+                            max_records=runner.max_events,
+                        )
                     )
+                # Wake for records, for a finished write (to start the partition's next one),
+                # for a retry that is due, or to stop.
+                writes = [p.task for p in self._parts.values() if p.task is not None]
+                await asyncio.wait(
+                    {poll, stopping, *writes},
+                    timeout=self._poll_timeout(),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-                await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not poll.done():
-                    poll.cancel()
+                if self._stopping.is_set():
                     break
-                records = poll.result()
+                if not poll.done():
+                    self._schedule(consumer)
+                    continue
+                records, poll = poll.result(), None
                 if consumer.assignment():
                     self.assigned.set()
-                if records:
-                    await self._handle(consumer, records)
+                now = time.monotonic()
+                for tp, msgs in records.items():
+                    part = self._parts.setdefault(tp, _Partition())
+                    if not part.records:
+                        part.since = now
+                    part.records.extend(msgs)
+                    part.nbytes += sum(_size(m) for m in msgs)
+                    self.stats.received += len(msgs)
+                    if (
+                        len(part.records) >= 4 * runner.max_events
+                        or part.nbytes >= 4 * runner.max_bytes
+                    ):
+                        part.full = True
+                        self._set_paused(consumer, tp, part)
+                self._schedule(consumer)
+            if poll is not None and not poll.done():
+                poll.cancel()
+            in_flight = [p.task for p in self._parts.values() if p.task is not None]
+            if in_flight:
+                await asyncio.wait(in_flight)
+            self._collect()
+            await self._flush(consumer, final=True)
         finally:
             stopping.cancel()
+            if poll is not None and not poll.done():
+                poll.cancel()
 
-    async def _handle(
-        self, consumer: AIOKafkaConsumer, records: dict[TopicPartition, list[ConsumerRecord]]
-    ) -> None:
-        batch: list[Event] = []
-        sources: list[ConsumerRecord] = []
-        dead: list[tuple[ConsumerRecord, str, str, BaseException]] = []
-        offsets: dict[TopicPartition, int] = {}
-        for tp, msgs in records.items():
-            for msg in msgs:
-                self.stats.received += 1
-                try:
-                    batch.append(decode(msg.value, self.settings.runner.reader_schema_id))
-                    sources.append(msg)
-                except DecodeError as exc:
-                    dead.append((msg, "decode", exc.reason, exc))
-                offsets[tp] = msg.offset + 1
-        if batch:
-            dead.extend(await self._write(batch, sources))
-        if dead:
-            await self._dead_letter(dead)
-        await consumer.commit(offsets)
-        self.stats.commits += 1
+    def _collect(self) -> None:
+        for part in self._parts.values():
+            if part.task is not None and part.task.done():
+                if not part.task.cancelled() and part.task.exception() is not None:
+                    self._count_error(part.task.exception())  # type: ignore[arg-type]
+                    log.error("sink %s: delivery failed: %r", self.sink.name, part.task.exception())
+                part.task = None
 
-    async def _write(
-        self, batch: list[Event], sources: list[ConsumerRecord]
-    ) -> list[tuple[ConsumerRecord, str, str, BaseException]]:
-        """Write ``batch``; return the records the sink permanently rejected."""
+    def _schedule(self, consumer: AIOKafkaConsumer) -> None:
+        """Start a write for every ready partition that has none in flight.
+
+        Writes of different partitions overlap each other and the next fetch; a partition's
+        batches are written and committed strictly in order.
+        """
+        self._collect()
+        now = time.monotonic()
+        for tp, part in self._parts.items():
+            if part.task is None and self._ready(part, now):
+                part.task = asyncio.create_task(self._deliver(consumer, tp, part))
+
+    def _set_paused(self, consumer: AIOKafkaConsumer, tp: TopicPartition, part: _Partition) -> None:
+        want = part.full or part.failing_since is not None
+        if want != part.paused and tp in consumer.assignment():
+            (consumer.pause if want else consumer.resume)(tp)
+            part.paused = want
+
+    def _poll_timeout(self) -> float:
+        runner = self.settings.runner
+        now = time.monotonic()
+        timeout = max(runner.max_wait_secs, 0.05)
+        for part in self._parts.values():
+            if not part.records or part.task is not None:
+                continue  # a write in flight wakes the loop when it finishes
+            due = part.retry_at if part.failing_since is not None else part.since
+            due += 0 if part.failing_since is not None else runner.max_wait_secs
+            timeout = min(timeout, due - now)
+        return min(max(timeout, 0.001), 1.0)
+
+    def _ready(self, part: _Partition, now: float) -> bool:
+        runner = self.settings.runner
+        if not part.records:
+            return False
+        if part.failing_since is not None:
+            return now >= part.retry_at
+        return (
+            len(part.records) >= runner.max_events
+            or part.nbytes >= runner.max_bytes
+            or now - part.since >= runner.max_wait_secs
+        )
+
+    async def _flush(self, consumer: AIOKafkaConsumer, final: bool) -> None:
+        for tp in list(self._parts):
+            part = self._parts.get(tp)
+            while part is not None and (
+                (final and part.records) or self._ready(part, time.monotonic())
+            ):
+                if not await self._deliver(consumer, tp, part) or (final and not part.records):
+                    break
+                part = self._parts.get(tp)
+
+    def _take(self, part: _Partition) -> list[ConsumerRecord]:
+        runner = self.settings.runner
+        chunk: list[ConsumerRecord] = []
+        nbytes = 0
+        for msg in part.records:
+            if chunk and (len(chunk) >= runner.max_events or nbytes >= runner.max_bytes):
+                break
+            chunk.append(msg)
+            nbytes += _size(msg)
+        return chunk
+
+    async def _deliver(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, part: _Partition
+    ) -> bool:
+        """Write the partition's next batch, dead-letter, commit. False if it must be retried."""
+        chunk = self._take(part)
+        events: list[Event] = []
+        offsets: list[int] = []
+        sources: dict[int, ConsumerRecord] = {}
+        dead: list[Dead] = []
+        for msg in chunk:
+            try:
+                events.append(decode(msg.value, self.settings.runner.reader_schema_id))
+                offsets.append(msg.offset)
+                sources[msg.offset] = msg
+            except DecodeError as exc:
+                dead.append((msg, "decode", exc.reason, exc))
+        batch = Batch(events, tp.topic, tp.partition, offsets)
         try:
-            await self._write_retrying(batch)
+            rejected = await self._write_isolating(batch) if batch else []
+            dead.extend((sources[o], f"sink:{self.sink.name}", "rejected", e) for o, e in rejected)
+            if dead:
+                await self._dead_letter(dead)
+        except Exception as exc:
+            self._failed(consumer, tp, part, exc)
+            return False
+        del part.records[: len(chunk)]
+        part.nbytes = sum(_size(m) for m in part.records)
+        part.since = time.monotonic()
+        runner = self.settings.runner
+        if part.full and (
+            len(part.records) < 4 * runner.max_events and part.nbytes < 4 * runner.max_bytes
+        ):
+            part.full = False
+        if part.failing_since is not None:
+            part.failing_since = None
+            part.backoff = 0.0
+            log.warning("sink %s: %s recovered", self.sink.name, tp)
+        self._set_paused(consumer, tp, part)
+        self.stats.batches += 1
+        self.stats.dead_lettered += len(dead)
+        written = len(batch) - len(rejected)
+        self.stats.written += written
+        if self.on_written is not None and written:
+            done = {o for o, _ in rejected}
+            self.on_written([e for e, o in zip(batch, batch.offsets, strict=True) if o not in done])
+        next_offset = chunk[-1].offset + 1
+        try:
+            await consumer.commit({tp: next_offset})
+            part.committed = next_offset
+            self.stats.commits += 1
+        except Exception as exc:  # rebalanced away: the new owner redelivers (writes idempotent)
+            self._count_error(exc)
+            log.warning("sink %s: commit of %s failed: %s", self.sink.name, tp, exc)
+        return True
+
+    def _failed(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, part: _Partition, exc: BaseException
+    ) -> None:
+        runner = self.settings.runner
+        now = time.monotonic()
+        self._count_error(exc)
+        self.stats.retried += 1
+        part.backoff = (
+            runner.backoff_initial_secs
+            if part.failing_since is None
+            else min(part.backoff * 2, runner.backoff_max_secs)
+        )
+        delay = part.backoff * (0.5 + random.random())
+        if part.failing_since is None:
+            part.failing_since = now
+            self._set_paused(consumer, tp, part)
+        part.retry_at = now + delay
+        log.warning(
+            "sink %s: %s write failed (%s: %s); partition paused, retry in %.2fs",
+            self.sink.name, tp, type(exc).__name__, exc, delay,
+        )  # fmt: skip
+
+    def _count_error(self, exc: BaseException) -> None:
+        name = type(exc).__name__
+        self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
+
+    async def _write_isolating(self, batch: Batch) -> list[tuple[int, BaseException]]:
+        """Write ``batch``; return (offset, error) of the events the sink permanently rejects.
+
+        Bisects on :class:`PermanentSinkError`. Any other error propagates (retry the batch;
+        halves already written are rewritten harmlessly, writes being idempotent).
+        """
+        try:
+            await self.sink.write(batch)
         except PermanentSinkError as exc:
             if len(batch) == 1:
-                return [(sources[0], f"sink:{self.sink.name}", "rejected", exc)]
-            rejected = []
-            for event, src in zip(batch, sources, strict=True):
-                rejected.extend(await self._write([event], [src]))
-            return rejected
+                return [(batch.offsets[0], exc)]
+            mid = len(batch) // 2
+            left = await self._write_isolating(batch.slice(0, mid))
+            return left + await self._write_isolating(batch.slice(mid, len(batch)))
         return []
 
-    async def _write_retrying(self, batch: list[Event]) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self.sink.write(batch)
-            except PermanentSinkError:
-                raise
-            except Exception as exc:
-                name = type(exc).__name__
-                self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
-                self.stats.retried += 1
-                if self._stopping.is_set():
-                    raise  # offsets stay uncommitted: redelivered after restart
-                log.warning("sink %s: %s; retrying in %.2fs", self.sink.name, exc, backoff)
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 30.0)
-                continue
-            self.stats.written += len(batch)
-            if self.on_written is not None:
-                self.on_written(batch)
-            return
-
-    async def _dead_letter(
-        self, dead: list[tuple[ConsumerRecord, str, str, BaseException]]
-    ) -> None:
+    async def _dead_letter(self, dead: list[Dead]) -> None:
         assert self._dlq is not None
         topic = self.settings.kafka.dlq_topic
         futures = []
@@ -181,7 +407,6 @@ class SinkRunner:
             headers = dead_letter_headers(stage, reason, exc, msg.topic, msg.partition, msg.offset)
             futures.append(await self._dlq.send(topic, msg.value, key=msg.key, headers=headers))
         await asyncio.gather(*futures)  # raise (no commit) if the DLQ did not take them
-        self.stats.dead_lettered += len(dead)
 
     async def _shutdown(self, consumer: AIOKafkaConsumer) -> None:
         for step in (consumer.stop, self.sink.stop, self._dlq.stop if self._dlq else None):
@@ -192,6 +417,39 @@ class SinkRunner:
             except Exception as exc:  # keep shutting down the rest
                 log.warning("sink %s shutdown: %s", self.sink.name, exc)
 
+    # -----------------------------------------------------------------------------------------
+    # Observability
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Per assigned partition: high watermark minus the committed offset (as last seen)."""
+        consumer = self._consumer
+        if consumer is None or not self._running:
+            return {}
+        out = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            part = self._parts.get(tp)
+            base = part.committed if part and part.committed is not None else None
+            if base is None and part and part.records:
+                base = part.records[0].offset
+            out[tp] = max(0, high - base) if base is not None else 0
+        return out
+
+    def healthy(self) -> tuple[bool, str]:
+        if not self._running:
+            return False, "not running"
+        limit = self.settings.runner.unhealthy_after_secs
+        now = time.monotonic()
+        for tp, part in self._parts.items():
+            if part.failing_since is not None and now - part.failing_since > limit:
+                return (
+                    False,
+                    f"{tp.topic}[{tp.partition}] failing for {now - part.failing_since:.0f}s",
+                )
+        return True, "ok"
+
     def snapshot(self) -> dict[str, Any]:
         s = self.stats
         return {
@@ -201,5 +459,16 @@ class SinkRunner:
             "written": s.written,
             "retried": s.retried,
             "dead_lettered": s.dead_lettered,
+            "commits": s.commits,
+            "paused": sorted(
+                f"{tp.topic}[{tp.partition}]"
+                for tp, p in self._parts.items()
+                if p.failing_since is not None
+            ),
+            "backpressured": sorted(
+                f"{tp.topic}[{tp.partition}]" for tp, p in self._parts.items() if p.full
+            ),
+            "buffered": sum(len(p.records) for p in self._parts.values()),
+            "lag": sum(self.lag().values()),
             "errors": dict(s.errors),
         }

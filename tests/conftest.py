@@ -70,3 +70,6 @@ def wait_until(predicate: Callable[[], Any], timeout_secs: float, what: str) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_secs}s waiting for {what}")
         time.sleep(0.02)
+
+
+from .sinkfixtures import moto_s3, pg_dsn  # noqa: E402, F401  (fixtures for the sink tests)

@@ -11,7 +11,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from auditpipe.schemas import Event, encode, new_event
-from auditpipe.sinks import PermanentSinkError, RetriableSinkError, Sink
+from auditpipe.sinks import Batch, PermanentSinkError, RetriableSinkError, Sink
 from auditpipe.sinks.runner import SinkRunner
 from auditpipe.sinks.stdout import StdoutSink
 
@@ -19,6 +19,8 @@ from auditpipe.dlq import H_REASON, H_STAGE, headers_dict
 from auditpipe.settings import Settings
 
 from .kafkautil import consume, produce
+from .sinkutil import fast, make_events, produce_events, wait_for
+from .sinkutil import run_until as run_sink
 
 
 class RecordingSink(Sink):
@@ -136,3 +138,181 @@ class TestSinkRunner:
         headers = headers_dict(dead[0].headers)
         assert headers[H_STAGE] == "sink:recording" and headers[H_REASON] == "rejected"
         assert {e["request_id"] for e in sink.events} == {"r0", "r1", "r3"}
+
+
+class PartitionSink(Sink):
+    """Records batches; fails (retriably) every write of partition ``broken`` while told to."""
+
+    name = "partitioned"
+
+    def __init__(self, broken: set[int] | None = None) -> None:
+        super().__init__()
+        self.batches: list[Batch] = []
+        self.broken = broken or set()
+
+    async def write(self, batch: Sequence[Event]) -> None:
+        assert isinstance(batch, Batch)
+        if batch.partition in self.broken:
+            raise RetriableSinkError("partition's store is down")
+        self.batches.append(batch)
+
+    def count(self, partition: int | None = None) -> int:
+        return sum(len(b) for b in self.batches if partition in (None, b.partition))
+
+
+def keyed(n: int, partition: int, partitions: int = 2) -> list[tuple[bytes, bytes]]:
+    """n encoded events whose keys land on ``partition`` (murmur2 of the key)."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    out, i = [], 0
+    part = DefaultPartitioner()
+    while len(out) < n:
+        key = f"k{i}".encode()
+        i += 1
+        if part(key, list(range(partitions)), list(range(partitions))) == partition:
+            out.append((key, encode(new_event(request_id=key.decode(), model="m"))))
+    return out
+
+
+async def produce_keyed(settings: Settings, items: list[tuple[bytes, bytes]]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for key, value in items:
+            await producer.send_and_wait(settings.kafka.events_topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+class TestBatchingAndBackpressure:
+    def test_batches_are_cut_by_max_bytes_and_carry_their_source(self, settings: Settings) -> None:
+        """With max_bytes small, batches stay under it (one event may exceed it alone)."""
+        evs = make_events(40, size=2000)
+        size = len(encode(evs[0]))
+        s = fast(settings, max_events=1000, max_bytes=size * 5, max_wait_secs=0.5)
+        sink = PartitionSink()
+
+        async def scenario() -> None:
+            await produce_events(s, evs)
+            runner = SinkRunner(sink, s)
+            await run_sink(runner, lambda: sink.count() == 40)
+
+        asyncio.run(scenario())
+        assert all(len(b) <= 5 for b in sink.batches), [len(b) for b in sink.batches]
+        for b in sink.batches:
+            assert b.topic == s.kafka.events_topic
+            assert b.offsets == list(range(b.first_offset, b.first_offset + len(b)))
+
+    def test_a_failing_partition_is_paused_while_the_others_flow(self, settings: Settings) -> None:
+        """Partition 0's store fails: it is paused and retried; partition 1 keeps being written."""
+        s = fast(settings, max_events=10, backoff_initial_secs=0.05, backoff_max_secs=0.2)
+        sink = PartitionSink(broken={0})
+
+        async def scenario() -> SinkRunner:
+            await produce_keyed(s, keyed(20, 0) + keyed(20, 1))
+            runner = SinkRunner(sink, s)
+            task = asyncio.create_task(runner.run())
+            try:
+                await wait_for(lambda: sink.count(1) == 20 and runner.stats.retried >= 3, 30,
+                               "partition 1 written while 0 fails")  # fmt: skip
+                assert sink.count(0) == 0
+                assert runner.snapshot()["paused"] == [f"{s.kafka.events_topic}[0]"]
+                assert await committed(s, runner.group_id) == 20
+                sink.broken = set()
+                await wait_for(lambda: sink.count(0) == 20, 30, "partition 0 after recovery")
+                assert runner.snapshot()["paused"] == []
+            finally:
+                runner.stop()
+                await asyncio.wait_for(task, 15)
+            return runner
+
+        runner = asyncio.run(scenario())
+        assert runner.stats.written == 40
+
+    def test_a_slow_sink_pauses_fetching_so_memory_stays_bounded(self, settings: Settings) -> None:
+        """While a write hangs, at most four batches (plus one fetch) are buffered, then paused."""
+        s = fast(settings, max_events=5, max_wait_secs=0.01)
+        release = asyncio.Event()
+
+        class SlowSink(PartitionSink):
+            async def write(self, batch: Sequence[Event]) -> None:
+                await release.wait()
+                await super().write(batch)
+
+        sink = SlowSink()
+
+        async def scenario() -> None:
+            await produce_keyed(s, keyed(60, 0))
+            runner = SinkRunner(sink, s)
+            task = asyncio.create_task(runner.run())
+            try:
+                await wait_for(lambda: runner.snapshot()["backpressured"], 30, "backpressure")
+                assert runner.snapshot()["buffered"] <= 5 * 5
+                assert runner.stats.received < 60
+                release.set()
+                await wait_for(lambda: sink.count() == 60, 30, "all written once released")
+                assert runner.snapshot()["backpressured"] == []
+            finally:
+                release.set()
+                runner.stop()
+                await asyncio.wait_for(task, 15)
+
+        asyncio.run(scenario())
+
+    def test_stop_writes_the_buffered_batch_and_commits(self, settings: Settings) -> None:
+        """SIGTERM path: records still waiting for max_wait_secs are written and committed."""
+        s = fast(settings, max_events=1000, max_wait_secs=60.0)
+        sink = PartitionSink()
+
+        async def scenario() -> int:
+            await produce_events(s, make_events(15))
+            runner = SinkRunner(sink, s)
+            await run_sink(runner, lambda: runner.stats.received == 15)
+            assert sink.count() == 15, "stop() flushed what was buffered"
+            return await committed(s, runner.group_id)
+
+        assert asyncio.run(scenario()) == 15
+
+
+class TestHealthAndMetrics:
+    def test_healthz_and_prometheus_metrics(self, settings: Settings) -> None:
+        """/healthz is 200 while consuming, 503 once a partition fails too long; /metrics counts."""
+        import httpx
+
+        s = fast(settings, health_port=0, unhealthy_after_secs=0.3, backoff_initial_secs=0.05)
+        sink = PartitionSink()
+
+        async def scenario() -> tuple[Any, ...]:
+            await produce_events(s, make_events(12))
+            runner = SinkRunner(sink, s)
+            task = asyncio.create_task(runner.run())
+            try:
+                await wait_for(lambda: runner.stats.written == 12, 30, "12 written")
+                host, port = runner.health_address or ("", 0)
+                async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+                    ok = await client.get("/healthz")
+                    metrics = (await client.get("/metrics")).text
+                    sink.broken = {0, 1}
+                    await produce_events(s, make_events(4))
+                    await wait_for(lambda: runner.stats.retried > 0, 30, "a failing write")
+                    unhealthy = None
+                    deadline = asyncio.get_running_loop().time() + 30
+                    while unhealthy is None or unhealthy.status_code != 503:
+                        assert asyncio.get_running_loop().time() < deadline, "never unhealthy"
+                        await asyncio.sleep(0.1)
+                        unhealthy = await client.get("/healthz")
+            finally:
+                sink.broken = set()
+                runner.stop()
+                await asyncio.wait_for(task, 15)
+            return ok, metrics, unhealthy
+
+        ok, metrics, unhealthy = asyncio.run(scenario())
+        assert ok.status_code == 200 and ok.json()["written"] == 12
+        assert 'auditpipe_sink_received_total{sink="partitioned"} 12.0' in metrics
+        assert 'auditpipe_sink_written_total{sink="partitioned"} 12.0' in metrics
+        assert 'auditpipe_sink_dead_lettered_total{sink="partitioned"} 0.0' in metrics
+        assert "auditpipe_sink_lag{" in metrics
+        assert "failing for" in unhealthy.json()["status"]

@@ -1,0 +1,212 @@
+"""The postgres sink on a real PostgreSQL (the machine's, or a throwaway cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from auditpipe.sinks.postgres import PostgresSink
+from auditpipe.sinks.runner import SinkRunner
+
+from auditpipe.dlq import H_REASON, H_STAGE, headers_dict
+from auditpipe.errors import ConfigError
+from auditpipe.settings import Settings
+
+from .kafkautil import consume
+from .sinkfixtures import PgCluster
+from .sinkutil import committed, fast, make_events, produce_events, wait_for
+
+
+def pg_sink(dsn: str, schema: str, **extra: Any) -> PostgresSink:
+    sink = PostgresSink.from_mapping({"dsn": dsn, "schema_name": schema, **extra})
+    assert isinstance(sink, PostgresSink)
+    return sink
+
+
+def new_schema() -> str:
+    return f"s_{uuid.uuid4().hex[:10]}"
+
+
+def query(dsn: str, sql: str) -> list[Any]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql).fetchall()  # type: ignore[arg-type]
+
+
+def settings_file(path: Path, dsn: str, schema: str) -> Path:
+    path.write_text(f'[sinks.postgres]\ndsn = "{dsn}"\nschema_name = "{schema}"\n')
+    return path
+
+
+class TestMigrate:
+    def test_cli_migrate_creates_the_schema_idempotently(self, pg_dsn: str, tmp_path: Path) -> None:
+        """`auditpipe sink postgres --migrate` creates the four tables; running it again is fine."""
+        schema = new_schema()
+        cfg = settings_file(tmp_path / "a.toml", pg_dsn, schema)
+        cli = [sys.executable, "-m", "auditpipe", "sink", "postgres", "--migrate", "--config"]
+        for _ in range(2):
+            out = subprocess.run([*cli, str(cfg)], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+        tables = query(
+            pg_dsn,
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            f"WHERE table_schema = '{schema}'",
+        )
+        types = {(t, c): d for t, c, d in tables}
+        assert {t for t, _ in types} == {"requests", "responses", "errors", "metadata"}
+        assert types[("requests", "id")] == "text"
+        assert types[("requests", "timestamp")] == "timestamp with time zone"
+        assert types[("requests", "raw_request")] == "jsonb"
+        assert types[("responses", "raw_response")] == "jsonb"
+        assert types[("metadata", "metadata")] == "jsonb"
+
+    def test_start_without_migration_says_how_to_migrate(self, pg_dsn: str) -> None:
+        with pytest.raises(ConfigError, match="--migrate"):
+            asyncio.run(pg_sink(pg_dsn, new_schema()).start())
+
+    def test_unreachable_database_names_the_key(self) -> None:
+        sink = pg_sink("postgresql://postgres@127.0.0.1:1/x", "s", connect_timeout_secs=1)
+        with pytest.raises(Exception, match=r"sinks\.postgres\.dsn"):
+            asyncio.run(sink.start())
+
+
+class TestWrite:
+    def test_events_map_onto_requests_responses_errors_and_metadata(self, pg_dsn: str) -> None:
+        schema = new_schema()
+        ok, failed = make_events(2)
+        failed.update(status_code=500, output=None, error={"type": "upstream", "message": "boom"})
+
+        async def scenario() -> None:
+            sink = pg_sink(pg_dsn, schema, auto_migrate=True)
+            await sink.start()
+            try:
+                await sink.write([ok, failed])
+                await sink.write([ok, failed])  # redelivery: no-op
+            finally:
+                await sink.stop()
+
+        asyncio.run(scenario())
+        req = query(
+            pg_dsn,
+            f'SELECT id, request_id, model, parameters, inputs, raw_request, "timestamp" '
+            f'FROM "{schema}".requests ORDER BY request_id',
+        )
+        assert [r[0] for r in req] == [ok["event_id"], failed["event_id"]]
+        assert req[0][3] == {"model": "m", "temperature": 0.2}
+        assert req[0][4] == ok["input"]["messages"]
+        assert req[0][5] == ok["input"]
+        assert int(req[0][6].timestamp() * 1000) == ok["ts_ms"]
+        resp = query(
+            pg_dsn, f'SELECT id, model_name, model_version, raw_response FROM "{schema}".responses'
+        )
+        assert resp == [(ok["event_id"], "m", "m-2024", ok["output"])]
+        errs = query(pg_dsn, f'SELECT id, error FROM "{schema}".errors')
+        assert errs == [(failed["event_id"], "upstream: boom")]
+        meta = query(pg_dsn, f'SELECT metadata FROM "{schema}".metadata ORDER BY id')
+        assert meta[0][0]["metadata"] == ok["metadata"] and "input" not in meta[0][0]
+        assert meta[0][0]["usage"] == ok["usage"]
+
+    def test_retention_deletes_old_requests_and_their_rows(self, pg_dsn: str) -> None:
+        schema = new_schema()
+        old = make_events(1, ts_ms=int((time.time() - 40 * 86400) * 1000))
+        new = make_events(1)
+
+        async def scenario() -> int:
+            sink = pg_sink(pg_dsn, schema, auto_migrate=True, retention_days=30)
+            await sink.start()
+            try:
+                await sink.write(old + new)
+                return await sink.prune()
+            finally:
+                await sink.stop()
+
+        assert asyncio.run(scenario()) == 1
+        for table in ("requests", "responses", "metadata"):
+            rows = query(pg_dsn, f'SELECT id FROM "{schema}".{table}')
+            assert rows == [(new[0]["event_id"],)], table
+
+
+class TestFaults:
+    def test_a_rejected_record_is_dead_lettered_and_the_rest_written(
+        self, pg_dsn: str, settings: Settings
+    ) -> None:
+        """PostgreSQL refuses \\u0000 in JSONB: that event is dead-lettered, the rest stored."""
+        schema = new_schema()
+        evs = make_events(20)
+        evs[7]["input"] = {"messages": [{"role": "user", "content": "nul \x00 byte"}]}
+        s = fast(settings, max_events=20, max_wait_secs=1.0)
+
+        async def scenario() -> list[Any]:
+            await produce_events(s, evs)
+            runner = SinkRunner(pg_sink(pg_dsn, schema, auto_migrate=True), s)
+            task = asyncio.create_task(runner.run())
+            try:
+                await wait_for(
+                    lambda: runner.stats.written + runner.stats.dead_lettered >= len(evs),
+                    60, "all events handled",
+                )  # fmt: skip
+            finally:
+                runner.stop()
+                await asyncio.wait_for(task, 30)
+            assert runner.stats.dead_lettered == 1
+            assert await committed(s, runner.group_id) == len(evs)
+            return await consume(s.kafka.bootstrap or "", s.kafka.dlq_topic, 1)
+
+        (dead,) = asyncio.run(scenario())
+        headers = headers_dict(dead.headers)
+        assert headers[H_STAGE] == "sink:postgres" and headers[H_REASON] == "rejected"
+        assert "\\u0000" in headers["auditpipe.dlq.error_message"]
+        ids = {r[0] for r in query(pg_dsn, f'SELECT id FROM "{schema}".requests')}
+        assert ids == {e["event_id"] for i, e in enumerate(evs) if i != 7}
+
+
+@pytest.fixture
+def cluster() -> Iterator[PgCluster]:
+    """A throwaway cluster this test may restart (never the machine's own server)."""
+    c = PgCluster()
+    c.start()
+    try:
+        yield c
+    finally:
+        c.destroy()
+
+
+class TestRestart:
+    def test_postgresql_restarted_under_load_loses_nothing(
+        self, cluster: PgCluster, settings: Settings
+    ) -> None:
+        """Stop PostgreSQL while events stream in, start it again: every event arrives once."""
+        schema = new_schema()
+        evs = make_events(1500)
+        s = fast(settings, max_events=100, backoff_initial_secs=0.05, backoff_max_secs=0.5)
+        sink = pg_sink(cluster.dsn, schema, auto_migrate=True, connect_timeout_secs=1)
+
+        async def scenario() -> SinkRunner:
+            runner = SinkRunner(sink, s)
+            task = asyncio.create_task(runner.run())
+            try:
+                await produce_events(s, evs[:500])
+                await wait_for(lambda: runner.stats.written >= 100, 60, "first writes")
+                await asyncio.to_thread(cluster.stop, "immediate")
+                await produce_events(s, evs[500:])
+                await wait_for(lambda: runner.stats.retried >= 2, 60, "failed writes")
+                await asyncio.to_thread(cluster.start)
+                await wait_for(lambda: runner.stats.written >= len(evs), 90, "all written")
+            finally:
+                runner.stop()
+                await asyncio.wait_for(task, 30)
+            assert await committed(s, runner.group_id) == len(evs)
+            return runner
+
+        asyncio.run(scenario())
+        rows = query(cluster.dsn, f'SELECT id FROM "{schema}".requests')
+        assert len(rows) == len(evs) and {r[0] for r in rows} == {e["event_id"] for e in evs}
+        assert os.path.isdir(cluster.data)
