@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 from auditpipe.schemas import Event, encode, new_event
 from auditpipe.sinks import Batch, PermanentSinkError, RetriableSinkError, Sink
 from auditpipe.sinks.runner import SinkRunner
@@ -19,7 +17,7 @@ from auditpipe.dlq import H_REASON, H_STAGE, headers_dict
 from auditpipe.settings import Settings
 
 from .kafkautil import consume, produce
-from .sinkutil import fast, make_events, produce_events, wait_for
+from .sinkutil import committed, fast, make_events, produce_events, wait_for
 from .sinkutil import run_until as run_sink
 
 
@@ -57,18 +55,6 @@ async def run_until(runner: SinkRunner, done: Any, timeout_secs: float = 30.0) -
     finally:
         runner.stop()
         await asyncio.wait_for(task, 15)
-
-
-async def committed(settings: Settings, group: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, group_id=group)
-    await consumer.start()
-    try:
-        total = 0
-        for p in range(settings.kafka.partitions):
-            total += await consumer.committed(TopicPartition(settings.kafka.events_topic, p)) or 0
-        return total
-    finally:
-        await consumer.stop()
 
 
 def events(n: int, **fields: Any) -> list[Event]:
