@@ -87,20 +87,10 @@ async def chat_completions(request: Request) -> Response:
         message: dict[str, Any] = {
             "role": "assistant", "content": None, "refusal": None, "tool_calls": [tool_call]
         }  # fmt: skip
-        return JSONResponse(
-            {
-                "id": ident,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {"index": 0, "message": message, "finish_reason": "tool_calls",
-                     "logprobs": None}
-                ],
-                "usage": usage,
-                "system_fingerprint": "fp_auditpipe_demo",
-            }
-        )  # fmt: skip
+        finish = "tool_calls"
+    else:
+        message = {"role": "assistant", "content": text, "refusal": None}
+        finish = "stop"
     return JSONResponse(
         {
             "id": ident,
@@ -108,12 +98,7 @@ async def chat_completions(request: Request) -> Response:
             "created": created,
             "model": model,
             "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "finish_reason": "stop",
-                    "logprobs": None,
-                }
+                {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
             ],
             "usage": usage,
             "system_fingerprint": "fp_auditpipe_demo",
