@@ -144,15 +144,25 @@ def _open(path: str, mode: str) -> Any:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
+    """The embedded broker with the pipeline's topics, until SIGINT/SIGTERM."""
     from .broker import EmbeddedBroker
+    from .kafka import ensure_topics
 
+    settings = _settings(args)
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # delivered to sigwait below
     broker = EmbeddedBroker(port=args.port)
     broker.start()
-    print(broker.bootstrap, flush=True)
-    print(f"embedded broker on {broker.bootstrap} (log: {broker.log_path}); Ctrl-C stops it",
-          file=sys.stderr)  # fmt: skip
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        kafka = settings.kafka.model_copy(update={"bootstrap": broker.bootstrap})
+        asyncio.run(ensure_topics(kafka))
+        print(broker.bootstrap, flush=True)
+        print(
+            f"embedded broker on {broker.bootstrap} with topics {kafka.raw_topic}, "
+            f"{kafka.events_topic}, {kafka.dlq_topic} (log: {broker.log_path}); Ctrl-C stops it",
+            file=sys.stderr,
+        )
+        signal.sigwait(stop_signals)
     finally:
         broker.stop()
     return 0
@@ -264,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker alone")
     broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
+    broker.add_argument("--config", help="settings file (TOML); [kafka] names the topics")
     broker.set_defaults(func=cmd_broker)
 
     from auditpipe.schemas.compat import Mode

@@ -52,3 +52,38 @@ class TestEmbeddedBroker:
     def test_existing_bootstrap_starts_nothing(self) -> None:
         with kafka_bootstrap("kafka.example:9092") as (bootstrap, broker):
             assert bootstrap == "kafka.example:9092" and broker is None
+
+
+class TestBrokerCommand:
+    def test_auditpipe_broker_creates_the_topics_and_stops_on_sigterm(self) -> None:
+        """`auditpipe broker` prints its address, has the pipeline's topics, exits on SIGTERM."""
+        import asyncio
+
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "auditpipe", "broker"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={k: v for k, v in os.environ.items() if not k.startswith("AUDITPIPE_")},
+        )
+        try:
+            assert proc.stdout is not None
+            bootstrap = proc.stdout.readline().decode().strip()
+
+            async def topics() -> list[str]:
+                admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+                await admin.start()
+                try:
+                    return list(await admin.list_topics())
+                finally:
+                    await admin.close()
+
+            names = asyncio.run(topics())
+            assert {"auditpipe.raw", "auditpipe.events", "auditpipe.dlq"} <= set(names)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
