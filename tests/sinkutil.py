@@ -105,3 +105,13 @@ async def deliver(sink: Sink, settings: Settings, events: list[Event], **runner:
     r = SinkRunner(sink, s)
     await run_until(r, lambda: r.stats.written >= len(events), what=f"{len(events)} written")
     return r
+
+
+async def write_batches(sink: Sink, *batches: Any) -> None:
+    """Start ``sink``, write each batch in order, stop it (also when a write raises)."""
+    await sink.start()
+    try:
+        for b in batches:
+            await sink.write(b)
+    finally:
+        await sink.stop()

@@ -27,7 +27,7 @@ from auditpipe.sinks.runner import SinkRunner
 from auditpipe.errors import ConfigError
 from auditpipe.settings import Settings
 
-from .sinkutil import committed, fast, make_events, produce_events, wait_for
+from .sinkutil import committed, fast, make_events, produce_events, wait_for, write_batches
 
 
 def sink_at(path: Path, **config: Any) -> FileSink:
@@ -44,22 +44,13 @@ def read_all(directory: Path) -> list[dict[str, Any]]:
     return out
 
 
-async def write_batches(sink: FileSink, batches: list[list[dict[str, Any]]]) -> None:
-    await sink.start()
-    try:
-        for b in batches:
-            await sink.write(b)
-    finally:
-        await sink.stop()
-
-
 class TestRotation:
     def test_size_rotation_gzips_segments_and_keeps_n_backups(self, tmp_path: Path) -> None:
         """Past max_bytes the file rotates; old segments are gzipped; only `backups` remain."""
         path = tmp_path / "events.jsonl"
         evs = make_events(40)
         sink = sink_at(path, max_bytes=5000, backups=3)
-        asyncio.run(write_batches(sink, [evs[i : i + 2] for i in range(0, 40, 2)]))
+        asyncio.run(write_batches(sink, *[evs[i : i + 2] for i in range(0, 40, 2)]))
         rotated = sorted(p.name for p in tmp_path.iterdir() if p != path)
         assert len(rotated) == 3 and all(n.endswith(".jsonl.gz") for n in rotated), rotated
         assert all(n.startswith("events.") for n in rotated)
@@ -76,7 +67,7 @@ class TestRotation:
         path = tmp_path / "events.jsonl"
         evs = make_events(12)
         sink = sink_at(path, max_bytes=7000, gzip=False, backups=100)
-        asyncio.run(write_batches(sink, [evs[i : i + 3] for i in range(0, 12, 3)]))
+        asyncio.run(write_batches(sink, *[evs[i : i + 3] for i in range(0, 12, 3)]))
         for p in tmp_path.iterdir():
             assert len(p.read_bytes().splitlines()) % 3 == 0
 
@@ -103,15 +94,15 @@ class TestRotation:
     def test_every_fsync_mode_writes_everything(self, tmp_path: Path, fsync: str) -> None:
         evs = make_events(10)
         path = tmp_path / "e.jsonl"
-        asyncio.run(write_batches(sink_at(path, fsync=fsync, max_bytes=6000), [evs[:5], evs[5:]]))
+        asyncio.run(write_batches(sink_at(path, fsync=fsync, max_bytes=6000), evs[:5], evs[5:]))
         assert [e["event_id"] for e in read_all(tmp_path)] == [e["event_id"] for e in evs]
 
     def test_restart_skips_events_already_on_disk(self, tmp_path: Path) -> None:
         """A new sink (after a crash) reads back recent ids and skips a redelivered batch."""
         path = tmp_path / "events.jsonl"
         evs = make_events(10)
-        asyncio.run(write_batches(sink_at(path), [evs]))
-        asyncio.run(write_batches(sink_at(path), [evs[5:], make_events(2)]))
+        asyncio.run(write_batches(sink_at(path), evs))
+        asyncio.run(write_batches(sink_at(path), evs[5:], make_events(2)))
         assert len(read_all(tmp_path)) == 12
 
     def test_bad_config_names_the_key(self) -> None:

@@ -24,7 +24,7 @@ from auditpipe.sinks.mongodb import MongoSink
 from auditpipe.errors import ConfigError
 
 from .sinkfixtures import FakeMongo, inserted_documents
-from .sinkutil import make_events
+from .sinkutil import make_events, write_batches
 
 
 @pytest.fixture
@@ -42,15 +42,6 @@ def mongo_sink(uri: str, **extra: Any) -> MongoSink:
     return sink
 
 
-async def write(sink: MongoSink, *batches: Any) -> None:
-    await sink.start()
-    try:
-        for b in batches:
-            await sink.write(b)
-    finally:
-        await sink.stop()
-
-
 def commands(fake: FakeMongo, name: str) -> list[dict[str, Any]]:
     return [c for c in fake.commands if name in c]
 
@@ -60,7 +51,7 @@ class TestWire:
         self, fake: FakeMongo
     ) -> None:
         sink = mongo_sink(fake.uri, retention_days=30, metadata_index_keys=["ticket", "team"])
-        asyncio.run(write(sink))
+        asyncio.run(write_batches(sink))
         (cmd,) = commands(fake, "createIndexes")
         assert cmd["createIndexes"] == "events" and cmd["$db"] == "auditpipe"
         specs = {ix["name"]: ix for ix in cmd["indexes"]}
@@ -76,7 +67,7 @@ class TestWire:
     ) -> None:
         evs = make_events(25)
         sink = mongo_sink(fake.uri, write_concern_w=2, operation_timeout_secs=7, database="audit")
-        asyncio.run(write(sink, evs))
+        asyncio.run(write_batches(sink, evs))
         (cmd,) = commands(fake, "insert")
         assert cmd["insert"] == "events" and cmd["$db"] == "audit"
         assert cmd["ordered"] is False
@@ -92,7 +83,7 @@ class TestWire:
     def test_duplicate_keys_count_as_success(self, fake: FakeMongo) -> None:
         """Redelivery: the server answers E11000 for every document; the write succeeds."""
         evs = make_events(5)
-        asyncio.run(write(mongo_sink(fake.uri), evs, evs))
+        asyncio.run(write_batches(mongo_sink(fake.uri), evs, evs))
         assert len(commands(fake, "insert")) == 2 and len(fake.docs) == 5
 
     def test_write_concern_error_is_retriable(self, fake: FakeMongo) -> None:
@@ -101,7 +92,7 @@ class TestWire:
             "writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"},
         }  # fmt: skip
         with pytest.raises(RetriableSinkError):
-            asyncio.run(write(mongo_sink(fake.uri), make_events(3)))
+            asyncio.run(write_batches(mongo_sink(fake.uri), make_events(3)))
 
     def test_document_validation_failure_is_permanent(self, fake: FakeMongo) -> None:
         fake.insert_reply = lambda req: {
@@ -109,7 +100,7 @@ class TestWire:
             "writeErrors": [{"index": 0, "code": 121, "errmsg": "Document failed validation"}],
         }  # fmt: skip
         with pytest.raises(PermanentSinkError, match="validation"):
-            asyncio.run(write(mongo_sink(fake.uri), make_events(1)))
+            asyncio.run(write_batches(mongo_sink(fake.uri), make_events(1)))
 
     def test_unreachable_server_is_retriable(self) -> None:
         sink = mongo_sink("mongodb://127.0.0.1:1", server_selection_timeout_secs=0.5)
@@ -134,7 +125,7 @@ class TestRealServer:
         sink = mongo_sink(REAL or "", database=db, retention_days=1, metadata_index_keys=["x"])
 
         async def scenario() -> tuple[int, set[str]]:
-            await write(sink, evs, evs)
+            await write_batches(sink, evs, evs)
             client: Any = AsyncMongoClient(REAL)
             try:
                 coll = client[db]["events"]

@@ -20,7 +20,7 @@ from auditpipe.errors import ConfigError
 from auditpipe.settings import Settings
 
 from .sinkfixtures import MotoS3
-from .sinkutil import committed, fast, make_events, produce_events, wait_for
+from .sinkutil import committed, fast, make_events, produce_events, wait_for, write_batches
 
 HOUR10 = int(dt.datetime(2026, 11, 23, 10, 59, 0, tzinfo=dt.UTC).timestamp() * 1000)
 HOUR11 = HOUR10 + 120_000  # 11:01
@@ -30,15 +30,6 @@ def s3_sink(moto: MotoS3, bucket: str, **extra: Any) -> S3Sink:
     sink = S3Sink.from_mapping(moto.sink_config(bucket, **extra))
     assert isinstance(sink, S3Sink)
     return sink
-
-
-async def write(sink: S3Sink, *batches: Any) -> None:
-    await sink.start()
-    try:
-        for b in batches:
-            await sink.write(b)
-    finally:
-        await sink.stop()
 
 
 def objects(moto: MotoS3, bucket: str) -> dict[str, bytes]:
@@ -66,7 +57,7 @@ class TestLayout:
         evs = make_events(3, ts_ms=HOUR10) + make_events(2, ts_ms=HOUR11)
         evs[1]["ts_ms"] = HOUR11  # out of order in event time
         batch = Batch(evs, "audit.events", 2, [100, 101, 102, 103, 104])
-        asyncio.run(write(s3_sink(moto_s3, bucket, prefix="logs/prod"), batch))
+        asyncio.run(write_batches(s3_sink(moto_s3, bucket, prefix="logs/prod"), batch))
         objs = objects(moto_s3, bucket)
         assert sorted(objs) == [
             "logs/prod/dt=2026-11-23/hour=10/audit.events-2-00000000000000000100.jsonl.gz",
@@ -82,7 +73,9 @@ class TestLayout:
         bucket = moto_s3.new_bucket()
         evs = make_events(10, ts_ms=HOUR10)
         full = Batch(evs, "t", 0, list(range(50, 60)))
-        asyncio.run(write(s3_sink(moto_s3, bucket), full, full.slice(0, 4), full.slice(4, 10)))
+        asyncio.run(
+            write_batches(s3_sink(moto_s3, bucket), full, full.slice(0, 4), full.slice(4, 10))
+        )
         ids = jsonl_ids(objects(moto_s3, bucket))
         assert sorted(ids) == sorted(e["event_id"] for e in evs)
 
@@ -91,7 +84,7 @@ class TestLayout:
         """format = "avro": a container file with the AuditEvent schema, readable by fastavro."""
         bucket = moto_s3.new_bucket()
         evs = make_events(5, ts_ms=HOUR10)
-        asyncio.run(write(s3_sink(moto_s3, bucket, format="avro", avro_codec=codec), evs))
+        asyncio.run(write_batches(s3_sink(moto_s3, bucket, format="avro", avro_codec=codec), evs))
         ((key, body),) = objects(moto_s3, bucket).items()
         assert key.endswith(f"/batch-{evs[0]['event_id']}.avro")  # a plain list: no offsets
         reader = fastavro.reader(io.BytesIO(body))
@@ -104,7 +97,7 @@ class TestLayout:
         """mode = "per_event": PREFIX/dt=.../hour=HH/<event_id>.json (the F5 layout)."""
         bucket = moto_s3.new_bucket()
         evs = make_events(4, ts_ms=HOUR11)
-        asyncio.run(write(s3_sink(moto_s3, bucket, mode="per_event"), evs, evs))
+        asyncio.run(write_batches(s3_sink(moto_s3, bucket, mode="per_event"), evs, evs))
         objs = objects(moto_s3, bucket)
         assert sorted(objs) == sorted(
             f"auditpipe/dt=2026-11-23/hour=11/{e['event_id']}.json" for e in evs
@@ -119,7 +112,7 @@ class TestLayout:
             moto_s3, bucket, sse="AES256",
             object_lock_mode="GOVERNANCE", object_lock_retention_days=7,
         )  # fmt: skip
-        asyncio.run(write(sink, make_events(2, ts_ms=HOUR10)))
+        asyncio.run(write_batches(sink, make_events(2, ts_ms=HOUR10)))
         client: Any = moto_s3.client()
         (key,) = objects(moto_s3, bucket)
         head = client.head_object(Bucket=bucket, Key=key)
