@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BrokerError
+from .settings import Settings
 
 _PR_SET_PDEATHSIG = 1
 
@@ -38,6 +39,29 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 def popen_child(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start a helper process that never outlives us: own session, killed when we die."""
     return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
+
+
+# A consumer group's first join on Tansu waits half the session timeout (README, "Startup
+# time"), so clients of the embedded broker use short sessions unless told otherwise. A real
+# cluster keeps the configured (longer, safer) values.
+EMBEDDED_SESSION_TIMEOUT_SECS = 3.0
+EMBEDDED_HEARTBEAT_INTERVAL_SECS = 0.5
+
+
+def tune_for_embedded_broker(settings: Settings) -> Settings:
+    """Short group sessions for the processor worker and the sink runner, where not set."""
+    short = {
+        "session_timeout_secs": EMBEDDED_SESSION_TIMEOUT_SECS,
+        "heartbeat_interval_secs": EMBEDDED_HEARTBEAT_INTERVAL_SECS,
+    }
+    proc, runner = settings.processors, settings.runner
+    proc = proc.model_copy(
+        update={k: v for k, v in short.items() if k not in proc.model_fields_set}
+    )
+    runner = runner.model_copy(
+        update={k: v for k, v in short.items() if k not in runner.model_fields_set}
+    )
+    return settings.model_copy(update={"processors": proc, "runner": runner})
 
 
 def tansu_binary() -> str:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .broker import free_port, kafka_bootstrap, popen_child
+from .broker import free_port, kafka_bootstrap, popen_child, tune_for_embedded_broker
 from .kafka import ensure_topics
 from .settings import Settings
 
@@ -45,25 +45,6 @@ def progress(message: str) -> None:
 def _with_bootstrap(settings: Settings, bootstrap: str) -> Settings:
     kafka = settings.kafka.model_copy(update={"bootstrap": bootstrap})
     return settings.model_copy(update={"kafka": kafka})
-
-
-# On the embedded broker a consumer group's first join waits half the session timeout (see
-# README, "Startup time"), so `auditpipe dev` uses short sessions there unless the settings
-# say otherwise. A real cluster keeps the configured (longer, safer) values.
-EMBEDDED_SESSION_TIMEOUT_SECS = 3.0
-EMBEDDED_HEARTBEAT_INTERVAL_SECS = 0.5
-
-
-def tune_for_embedded_broker(settings: Settings) -> Settings:
-    """Short group sessions for the processor and the runner, where not set explicitly."""
-    proc, runner = settings.processors, settings.runner
-    if "session_timeout_secs" not in proc.model_fields_set:
-        proc = proc.model_copy(update={"session_timeout_secs": EMBEDDED_SESSION_TIMEOUT_SECS})
-    if "heartbeat_interval_secs" not in proc.model_fields_set:
-        proc = proc.model_copy(update={"heartbeat_interval_secs": EMBEDDED_HEARTBEAT_INTERVAL_SECS})
-    if "session_timeout_secs" not in runner.model_fields_set:
-        runner = runner.model_copy(update={"session_timeout_secs": EMBEDDED_SESSION_TIMEOUT_SECS})
-    return settings.model_copy(update={"processors": proc, "runner": runner})
 
 
 def spawn_processor(

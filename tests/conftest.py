@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from auditpipe.broker import EmbeddedBroker
+from auditpipe.broker import EmbeddedBroker, tune_for_embedded_broker
 from auditpipe.kafka import ensure_topics
 from auditpipe.settings import Settings, load_settings
 
@@ -48,14 +48,11 @@ def settings(kafka_bootstrap: str, tmp_path: Any) -> Settings:
         update={
             "app_id": f"t-{suffix}-processors",
             "data_dir": str(tmp_path / "faust"),
-            "session_timeout_secs": 3.0,  # first join on Tansu takes half of it
-            "heartbeat_interval_secs": 0.5,
         }
     )
-    runner = base.runner.model_copy(
-        update={"group_prefix": f"t-{suffix}-sink-", "session_timeout_secs": 3.0}
-    )
+    runner = base.runner.model_copy(update={"group_prefix": f"t-{suffix}-sink-"})
     s = base.model_copy(update={"kafka": kafka, "processors": processors, "runner": runner})
+    s = tune_for_embedded_broker(s)  # short sessions: a first join on Tansu takes half of one
     asyncio.run(ensure_topics(s.kafka))
     return s
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from auditpipe.broker import EMBEDDED_HEARTBEAT_INTERVAL_SECS, EMBEDDED_SESSION_TIMEOUT_SECS
+
 
 async def produce(
     bootstrap: str, topic: str, values: list[bytes], key: bytes | None = None
@@ -30,8 +32,8 @@ async def consume(bootstrap: str, topic: str, count: int, timeout_secs: float = 
         group_id=f"test-reader-{uuid.uuid4().hex[:8]}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        session_timeout_ms=3000,  # the first join on Tansu takes half of it
-        heartbeat_interval_ms=500,
+        session_timeout_ms=int(EMBEDDED_SESSION_TIMEOUT_SECS * 1000),  # first join: half of it
+        heartbeat_interval_ms=int(EMBEDDED_HEARTBEAT_INTERVAL_SECS * 1000),
     )
     await consumer.start()
     records: list[Any] = []
