@@ -11,7 +11,11 @@ Each round, on the same broker (the embedded one unless AUDITPIPE_KAFKA_BOOTSTRA
 - ``chain_in_process``: the same steps called in a loop without Kafka (where the time goes).
 
 Rates are measured from the first record out to the last one out, so group joins and process
-start-up are not counted. Prints one JSON object: medians over the rounds and ratios.
+start-up are not counted. Over the same window the CPU time (user + system, all threads) of the
+worker process, of the passthrough (this process) and of the broker is read from /proc: CPU
+microseconds per event barely move when other programs load the machine, and they bound what
+one worker can reach (``cpu_bound_events_per_sec``: 1e6 / worker CPU us per event, i.e. the rate
+with one core to itself). Prints one JSON object: medians over the rounds and ratios.
 """
 
 from __future__ import annotations
@@ -40,6 +44,34 @@ from auditpipe.kafka import ensure_topics
 from auditpipe.settings import load_settings
 
 PARTITIONS = 3
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_secs(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads); 0 when unknown."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class CpuWindow:
+    """CPU seconds of some processes between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, **pids: int | None) -> None:
+        self.pids = pids
+        self.started: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.started = {k: cpu_secs(p) for k, p in self.pids.items()}
+
+    def stop(self) -> None:
+        self.used = {k: cpu_secs(p) - self.started[k] for k, p in self.pids.items()}
+
+    def us_per_event(self, n: int) -> dict[str, float]:
+        return {k: round(v / n * 1e6, 1) for k, v in self.used.items()}
 
 
 def events(n: int) -> list[bytes]:
@@ -75,7 +107,7 @@ def consumer(bootstrap: str, topic: str) -> AIOKafkaConsumer:
     )
 
 
-async def passthrough(bootstrap: str, src: str, dst: str, n: int) -> float:
+async def passthrough(bootstrap: str, src: str, dst: str, n: int, cpu: CpuWindow) -> float:
     from auditpipe.kafka import install_init_producer_id_v3
 
     install_init_producer_id_v3()
@@ -96,17 +128,22 @@ async def passthrough(bootstrap: str, src: str, dst: str, n: int) -> float:
                 for m in msgs:
                     futures.append(await p.send(dst, m.value, key=m.key))
             if futures:
-                first = first or time.perf_counter()
+                if first is None:
+                    first = time.perf_counter()
+                    cpu.start()
                 await asyncio.gather(*futures)
                 done += len(futures)
         assert first is not None
+        cpu.stop()
         return (n - 1) / (time.perf_counter() - first)
     finally:
         await c.stop()
         await p.stop()
 
 
-async def drain(bootstrap: str, topic: str, n: int, timeout_secs: float) -> float:
+async def drain(
+    bootstrap: str, topic: str, n: int, timeout_secs: float, cpu: CpuWindow | None = None
+) -> float:
     c = consumer(bootstrap, topic)
     await c.start()
     try:
@@ -121,16 +158,23 @@ async def drain(bootstrap: str, topic: str, n: int, timeout_secs: float) -> floa
             got = sum(len(m) for m in batch.values())
             if got:
                 now = time.perf_counter()
-                first = first or now
+                if first is None:
+                    first = now
+                    if cpu:
+                        cpu.start()
                 last = now
                 seen += got
+        if cpu:
+            cpu.stop()
         assert first is not None
         return (n - 1) / (last - first) if last > first else float("inf")
     finally:
         await c.stop()
 
 
-def worker_rate(bootstrap: str, values: list[bytes], tmp: Path) -> float:
+def worker_rate(
+    bootstrap: str, values: list[bytes], tmp: Path, broker_pid: int | None
+) -> tuple[float, dict[str, float]]:
     run_id = uuid.uuid4().hex[:8]
     raw, out, dlq = f"bench-{run_id}.raw", f"bench-{run_id}.events", f"bench-{run_id}.dlq"
     config = tmp / f"{run_id}.toml"
@@ -148,14 +192,18 @@ def worker_rate(bootstrap: str, values: list[bytes], tmp: Path) -> float:
         [sys.executable, "-m", "auditpipe", "process", "--config", str(config)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    cpu = CpuWindow(worker=proc.pid, broker=broker_pid)
     try:
-        return asyncio.run(drain(bootstrap, out, len(values), timeout_secs=300))
+        rate = asyncio.run(drain(bootstrap, out, len(values), timeout_secs=300, cpu=cpu))
+        return rate, cpu.us_per_event(len(values) - 1)
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def passthrough_rate(bootstrap: str, values: list[bytes]) -> float:
+def passthrough_rate(
+    bootstrap: str, values: list[bytes], broker_pid: int | None
+) -> tuple[float, dict[str, float]]:
     run_id = uuid.uuid4().hex[:8]
     src, dst = f"pt-{run_id}.src", f"pt-{run_id}.dst"
     settings = load_settings(env={})
@@ -165,7 +213,9 @@ def passthrough_rate(bootstrap: str, values: list[bytes]) -> float:
     )  # fmt: skip
     asyncio.run(ensure_topics(kafka))
     asyncio.run(fill(bootstrap, src, values))
-    return asyncio.run(passthrough(bootstrap, src, dst, len(values)))
+    cpu = CpuWindow(passthrough=os.getpid(), broker=broker_pid)
+    rate = asyncio.run(passthrough(bootstrap, src, dst, len(values), cpu))
+    return rate, cpu.us_per_event(len(values) - 1)
 
 
 def chain_rate(values: list[bytes]) -> float:
@@ -183,15 +233,26 @@ def main() -> None:
     args = parser.parse_args()
     values = events(args.events)
     rates: dict[str, list[float]] = {"passthrough": [], "worker": [], "chain_in_process": []}
+    cpu: dict[str, list[float]] = {}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        kafka_bootstrap(os.environ.get("AUDITPIPE_KAFKA_BOOTSTRAP")) as (bootstrap, _),
+        kafka_bootstrap(os.environ.get("AUDITPIPE_KAFKA_BOOTSTRAP")) as (bootstrap, broker),
     ):
+        broker_pid = broker.process.pid if broker and broker.process else None
         for _ in range(args.rounds):
-            rates["passthrough"].append(passthrough_rate(bootstrap, values))
-            rates["worker"].append(worker_rate(bootstrap, values, Path(tmp)))
-            rates["chain_in_process"].append(chain_rate(values))
+            rate, used = passthrough_rate(bootstrap, values, broker_pid)
+            rates["passthrough"].append(rate)
+            cpu.setdefault("passthrough", []).append(used["passthrough"])
+            cpu.setdefault("broker_during_passthrough", []).append(used["broker"])
+            rate, used = worker_rate(bootstrap, values, Path(tmp), broker_pid)
+            rates["worker"].append(rate)
+            cpu.setdefault("worker", []).append(used["worker"])
+            cpu.setdefault("broker_during_worker", []).append(used["broker"])
+            rate = chain_rate(values)
+            rates["chain_in_process"].append(rate)
+            cpu.setdefault("chain_in_process", []).append(round(1e6 / rate, 1))
     med = {k: statistics.median(v) for k, v in rates.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     print(
         json.dumps(
             {
@@ -203,6 +264,11 @@ def main() -> None:
                 "events_per_sec_rounds": {k: [round(x) for x in v] for k, v in rates.items()},
                 "worker_vs_passthrough": round(med["worker"] / med["passthrough"], 3),
                 "worker_vs_chain_in_process": round(med["worker"] / med["chain_in_process"], 3),
+                "cpu_us_per_event_median": cpu_med,
+                "cpu_bound_events_per_sec": {
+                    k: round(1e6 / cpu_med[k]) for k in ("passthrough", "worker") if cpu_med[k]
+                },
+                "load_average_1m": round(os.getloadavg()[0], 2),
                 "cpus": os.cpu_count(),
             },
             indent=2,

@@ -1,9 +1,11 @@
 """The Faust app that runs the processor steps between ``auditpipe.raw`` and ``auditpipe.events``.
 
 ``create_app(settings)`` builds a fresh app (no module-level app: tests build many). The agent
-takes records in small batches and, for each batch, waits until every outcome was acknowledged
-by Kafka (forwarded or dead-lettered) before it returns and Faust acks the batch; a failed send
-is retried with backoff, so no record is acknowledged before it went somewhere.
+takes records in batches with acking left to it (``noack_take``), runs the steps, and hands the
+outcomes to a delivery task; it acks a batch's records only once every outcome was acknowledged
+by Kafka (forwarded or dead-lettered), and Faust commits only acked offsets. A failed send is
+retried with backoff, so no record is committed before it went somewhere. While batch k is in
+flight the agent processes batch k+1 (at most two batches in memory).
 """
 
 from __future__ import annotations
@@ -116,15 +118,27 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
                 backoff = min(backoff * 2, 5.0)
             pending = failed
 
+    async def deliver_and_ack(
+        stream: faust.StreamT[bytes], batch: list[Any], outcomes: list[Outcome]
+    ) -> None:
+        # Every outcome acknowledged by Kafka first, then the source records: Faust commits
+        # only acked offsets, so nothing is committed before it went somewhere.
+        await deliver(outcomes)
+        for event in batch:
+            await stream.ack(event)
+        stats.observe(outcomes)
+        for dim_key, n in batch_counts(outcomes).items():
+            await counts_topic.send(key=dim_key, value=n)
+
     @app.agent(raw, name="auditpipe.process")
     async def process(stream: faust.StreamT[bytes]) -> None:
-        async for batch in stream.take_events(  # type: ignore[attr-defined]
-            BATCH_MAX_EVENTS, within=BATCH_WITHIN_SECS
-        ):
-            # take_events acknowledges the batch when this body ends, however it ends. So the
-            # body ends only once every outcome was acknowledged by Kafka; otherwise the worker
-            # dies without committing, and a restarted worker gets the batch again.
-            try:
+        # Pipelined: batch k+1 is processed while batch k is on its way to Kafka. noack_take
+        # leaves acking to us (take_events would ack when the loop body ends, before delivery).
+        inflight: asyncio.Future[None] | None = None
+        try:
+            async for batch in stream.noack_take(  # type: ignore[attr-defined]
+                BATCH_MAX_EVENTS, within=BATCH_WITHIN_SECS
+            ):
                 outcomes = [
                     process_record(
                         e.message.key,
@@ -136,23 +150,39 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
                     )
                     for e in batch
                 ]
-                delivery = asyncio.ensure_future(deliver(outcomes))
+                if inflight is not None:
+                    await asyncio.shield(inflight)  # at most two batches in memory
+                inflight = asyncio.ensure_future(deliver_and_ack(stream, batch, outcomes))
+                inflight.add_done_callback(_exit_if_failed)  # also when no batch follows
+            if inflight is not None:
+                await asyncio.shield(inflight)
+        except asyncio.CancelledError:  # worker stopping: let the batch in flight finish
+            if inflight is not None and not inflight.done():
                 try:
-                    await asyncio.shield(delivery)
-                except asyncio.CancelledError:  # worker stopping: finish this batch first
-                    await asyncio.wait_for(delivery, DELIVERY_ON_STOP_SECS)
-                    raise
-                stats.observe(outcomes)
-                for dim_key, n in batch_counts(outcomes).items():
-                    await counts_topic.send(key=dim_key, value=n)
-            except asyncio.CancelledError:
-                raise
-            except BaseException:
-                log.critical("processor agent failed; exiting so the batch is redelivered")
-                logging.shutdown()
-                os._exit(70)
+                    await asyncio.wait_for(inflight, DELIVERY_ON_STOP_SECS)
+                except BaseException:
+                    log.warning("stopping with a batch unacknowledged; it will be redelivered")
+            raise
+        except BaseException:
+            _exit_unacked()
 
     return app
+
+
+def _exit_unacked() -> None:
+    # Unacked records are redelivered to the next worker; dying is what keeps them so (a dead
+    # agent in a live-looking worker would hold its partitions forever).
+    log.critical("processor agent failed; exiting so the batch is redelivered", exc_info=True)
+    logging.shutdown()
+    os._exit(70)
+
+
+def _exit_if_failed(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        try:
+            raise task.exception()  # type: ignore[misc]
+        except BaseException:
+            _exit_unacked()
 
 
 class WorkerStats:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,13 +11,9 @@ from typing import Any
 import orjson
 import uvicorn
 
+from auditpipe.broker import free_port
+
 from .conftest import wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

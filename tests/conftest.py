@@ -15,9 +15,25 @@ from typing import Any
 
 import pytest
 
-from auditpipe.broker import EmbeddedBroker, tune_for_embedded_broker
+from auditpipe.broker import EmbeddedBroker, free_port, tune_for_embedded_broker
 from auditpipe.kafka import ensure_topics
 from auditpipe.settings import Settings, load_settings
+
+from .tcpproxy import TcpProxy
+
+
+@pytest.fixture
+def proxied_broker() -> Iterator[tuple[EmbeddedBroker, TcpProxy]]:
+    """A broker of this test's own, reachable only through a TCP proxy."""
+    broker_port, proxy_port = free_port(), free_port()
+    proxy = TcpProxy(broker_port, proxy_port).start()
+    broker = EmbeddedBroker(port=broker_port, advertised_port=proxy_port)
+    broker.start()
+    try:
+        yield broker, proxy
+    finally:
+        broker.stop()
+        proxy.stop()
 
 
 @pytest.fixture(scope="session")

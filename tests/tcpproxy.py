@@ -11,7 +11,7 @@ import asyncio
 import threading
 from typing import Any
 
-from .asgiutil import free_port
+from auditpipe.broker import free_port
 
 
 class TcpProxy:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from auditpipe.schemas import decode, encode, new_event
 
+from auditpipe.broker import EmbeddedBroker
 from auditpipe.dlq import H_REASON, H_STAGE, headers_dict
+from auditpipe.kafka import ensure_topics
 from auditpipe.settings import Settings
 
 from .kafkautil import consume, produce, run
+from .tcpproxy import TcpProxy
 from .workers import spawn_worker, stop
 
 
@@ -65,8 +70,6 @@ class TestWorkerKilled:
 
         Duplicates are allowed (at-least-once) and counted; missing events are not.
         """
-        import asyncio
-
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         n = 3000
@@ -192,3 +195,59 @@ class TestDeadAgent:
         finally:
             stop(healthy)
         assert {decode(r.value)["request_id"] for r in records} == {f"d{i}" for i in range(20)}
+
+
+class TestBrokerOutage:
+    def test_broker_unreachable_mid_stream_then_back_loses_nothing(
+        self,
+        settings: Settings,
+        tmp_path: Path,
+        proxied_broker: tuple[EmbeddedBroker, TcpProxy],
+    ) -> None:
+        """The broker vanishes (every connection cut) while the worker forwards a stream, and
+        comes back 8 s later: every event arrives on the events topic. Records whose delivery
+        failed were not acked, so nothing was committed past them; the worker either rides the
+        outage out or exits for its supervisor, and a restarted one finishes the stream."""
+        _, proxy = proxied_broker
+        bootstrap = f"127.0.0.1:{proxy.port}"
+        s = settings.model_copy(
+            update={"kafka": settings.kafka.model_copy(update={"bootstrap": bootstrap})}
+        )
+        run(ensure_topics(s.kafka))
+        n = 4000
+        run(produce_many(bootstrap, s.kafka.raw_topic, [
+            encode(new_event(request_id=f"o{i}")) for i in range(n)
+        ]))  # fmt: skip
+        worker = spawn_worker(s, tmp_path, "first")
+        restarted: subprocess.Popen[bytes] | None = None
+        try:
+            run(consume(bootstrap, s.kafka.events_topic, 1, timeout_secs=60))  # mid-stream now
+            proxy.cut()
+            outage_ends = time.monotonic() + 8.0  # the fault's length, not a wait for a result
+            while time.monotonic() < outage_ends:
+                time.sleep(0.2)
+            proxy.restore()
+            if worker.poll() is not None:  # it gave up during the outage: restart it
+                restarted = spawn_worker(s, tmp_path, "second")
+            records = run(consume(bootstrap, s.kafka.events_topic, n, timeout_secs=120))
+            ids = [decode(r.value)["request_id"] for r in records]
+            print(
+                f"outage test: {len(set(ids))} delivered, {len(ids) - len(set(ids))} duplicate(s),"
+                f" worker {'restarted' if restarted else 'survived'}"
+            )
+            assert set(ids) == {f"o{i}" for i in range(n)}
+        finally:
+            stop(worker)
+            if restarted is not None:
+                stop(restarted)
+
+
+async def produce_many(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        await asyncio.gather(*[await producer.send(topic, v) for v in values])
+    finally:
+        await producer.stop()

@@ -13,7 +13,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,13 @@ from aiokafka import AIOKafkaConsumer
 from auditpipe.producer import AuditMiddleware, AuditProducer
 from auditpipe.schemas import decode, new_event
 
-from auditpipe.broker import EmbeddedBroker, free_port
+from auditpipe.broker import free_port
 from auditpipe.demo import create_demo_app
 from auditpipe.kafka import ensure_topics
 from auditpipe.settings import Settings
 
 from .asgiutil import serve
 from .conftest import wait_until
-from .tcpproxy import TcpProxy
 
 OUTAGE_SECS = float(os.environ.get("AUDITPIPE_TEST_OUTAGE_SECS", "30"))
 
@@ -81,20 +79,6 @@ def read_all(
         return seen, order
 
     return asyncio.run(go())
-
-
-@pytest.fixture
-def proxied_broker() -> Iterator[tuple[EmbeddedBroker, TcpProxy]]:
-    """A broker of this test's own, reachable only through a TCP proxy."""
-    broker_port, proxy_port = free_port(), free_port()
-    proxy = TcpProxy(broker_port, proxy_port).start()
-    broker = EmbeddedBroker(port=broker_port, advertised_port=proxy_port)
-    broker.start()
-    try:
-        yield broker, proxy
-    finally:
-        broker.stop()
-        proxy.stop()
 
 
 class TestOutage:
