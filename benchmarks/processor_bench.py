@@ -8,6 +8,8 @@ Each round, on the same broker (the embedded one unless AUDITPIPE_KAFKA_BOOTSTRA
   produces each to another topic (acks=all), no decoding: the ceiling for this broker.
 - ``worker``: `auditpipe process` (enrich, redact, sample) reads the same N events from its
   raw topic and forwards them to its events topic.
+- ``faust_bare``: a Faust agent that only consumes and acks the same N events (faust_bare.py):
+  what Faust's per-event path costs before any work is done.
 - ``chain_in_process``: the same steps called in a loop without Kafka (where the time goes).
 
 Rates are measured from the first record out to the last one out, so group joins and process
@@ -201,6 +203,26 @@ def worker_rate(
         proc.wait(30)
 
 
+def faust_bare_rate(bootstrap: str, values: list[bytes]) -> tuple[float, float]:
+    """Rate and CPU us per event of a do-nothing Faust agent (see faust_bare.py)."""
+    run_id = uuid.uuid4().hex[:8]
+    settings = load_settings(env={})
+    kafka = settings.kafka.model_copy(
+        update={"bootstrap": bootstrap, "raw_topic": f"fb-{run_id}.src",
+                "events_topic": f"fb-{run_id}.dst", "dlq_topic": f"fb-{run_id}.dlq",
+                "partitions": PARTITIONS}
+    )  # fmt: skip
+    asyncio.run(ensure_topics(kafka))
+    asyncio.run(fill(bootstrap, kafka.raw_topic, values))
+    script = Path(__file__).resolve().parent / "faust_bare.py"
+    out = subprocess.run(
+        [sys.executable, str(script), bootstrap, kafka.raw_topic, str(len(values))],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["rate"], result["cpu_us_per_event"]
+
+
 def passthrough_rate(
     bootstrap: str, values: list[bytes], broker_pid: int | None
 ) -> tuple[float, dict[str, float]]:
@@ -232,7 +254,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     values = events(args.events)
-    rates: dict[str, list[float]] = {"passthrough": [], "worker": [], "chain_in_process": []}
+    rates: dict[str, list[float]] = {
+        "passthrough": [], "faust_bare": [], "worker": [], "chain_in_process": []
+    }  # fmt: skip
     cpu: dict[str, list[float]] = {}
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -244,6 +268,9 @@ def main() -> None:
             rates["passthrough"].append(rate)
             cpu.setdefault("passthrough", []).append(used["passthrough"])
             cpu.setdefault("broker_during_passthrough", []).append(used["broker"])
+            rate, cpu_us = faust_bare_rate(bootstrap, values)
+            rates["faust_bare"].append(rate)
+            cpu.setdefault("faust_bare", []).append(round(cpu_us, 1))
             rate, used = worker_rate(bootstrap, values, Path(tmp), broker_pid)
             rates["worker"].append(rate)
             cpu.setdefault("worker", []).append(used["worker"])
@@ -266,7 +293,9 @@ def main() -> None:
                 "worker_vs_chain_in_process": round(med["worker"] / med["chain_in_process"], 3),
                 "cpu_us_per_event_median": cpu_med,
                 "cpu_bound_events_per_sec": {
-                    k: round(1e6 / cpu_med[k]) for k in ("passthrough", "worker") if cpu_med[k]
+                    k: round(1e6 / cpu_med[k])
+                    for k in ("passthrough", "faust_bare", "worker", "chain_in_process")
+                    if cpu_med[k]
                 },
                 "load_average_1m": round(os.getloadavg()[0], 2),
                 "cpus": os.cpu_count(),

@@ -32,3 +32,20 @@ class TestCodecBench:
         assert {"avro_encode", "orjson_encode", "avro_decode", "orjson_decode"} <= set(medians)
         assert all(v > 0 for v in medians.values())
         assert set(out["ratios"]) >= {"encode_avro_over_orjson", "decode_avro_over_orjson"}
+
+
+class TestProcessorBench:
+    def test_prints_rates_cpu_costs_and_ratios_as_json(self) -> None:
+        """Worker, bare Faust agent, passthrough and chain all run on a tiny stream."""
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "processor_bench.py"),
+             "--events", "300", "--rounds", "1"],
+            capture_output=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        kinds = {"passthrough", "faust_bare", "worker", "chain_in_process"}
+        assert set(out["events_per_sec_median"]) == kinds
+        assert all(v > 0 for v in out["events_per_sec_median"].values())
+        assert kinds <= set(out["cpu_us_per_event_median"])
+        assert 0 < out["worker_vs_passthrough"]
