@@ -141,6 +141,8 @@ class RedactStep(ProcessorStep):
     def _scan(
         self, value: Any, path: tuple[Any, ...], counts: Counter[str], skip: set[tuple[Any, ...]]
     ) -> Any:
+        if not skip:  # no "keep" rule matched: no paths to track
+            return self._scan_all(value, counts)
         if path in skip:
             return value
         if isinstance(value, str):
@@ -149,6 +151,31 @@ class RedactStep(ProcessorStep):
             return {k: self._scan(v, (*path, k), counts, skip) for k, v in value.items()}
         if isinstance(value, list):
             return [self._scan(v, (*path, i), counts, skip) for i, v in enumerate(value)]
+        return value
+
+    def _scan_all(self, value: Any, counts: Counter[str]) -> Any:
+        """Redact every string under ``value``; containers are copied only where a string in
+        them changed (the rest is shared with the input, which is never mutated)."""
+        if isinstance(value, str):
+            return self._redact_text(value, counts)
+        if isinstance(value, dict):
+            copy = None
+            for k, v in value.items():
+                new = self._scan_all(v, counts)
+                if new is not v:
+                    if copy is None:
+                        copy = dict(value)
+                    copy[k] = new
+            return value if copy is None else copy
+        if isinstance(value, list):
+            items = None
+            for i, v in enumerate(value):
+                new = self._scan_all(v, counts)
+                if new is not v:
+                    if items is None:
+                        items = list(value)
+                    items[i] = new
+            return value if items is None else items
         return value
 
     def _redact_text(self, text: str, counts: Counter[str]) -> str:

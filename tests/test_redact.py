@@ -91,6 +91,24 @@ class TestScope:
         assert "bob" not in str(entry)  # counts, never values
         assert event["metadata"]["contact"] == "eve@example.com"  # input not mutated
 
+    def test_the_input_event_is_never_mutated_at_any_depth(self) -> None:
+        """Containers are copied on write: a redacted string deep in a list of dicts changes
+        the output only; subtrees without findings are shared and equal."""
+        import copy
+
+        event = new_event(
+            input={"messages": [{"role": "user", "content": "call +1 415 555 0100"},
+                                {"role": "user", "content": "nothing here"}]},
+            output={"choices": [{"message": {"content": "ok", "tool_calls": []}}]},
+            metadata={"k": "v"},
+        )  # fmt: skip
+        before = copy.deepcopy(event)
+        out = RedactStep()(event)
+        assert event == before
+        assert "555 0100" not in str(out["input"])
+        assert out["input"]["messages"][1] == before["input"]["messages"][1]
+        assert out["output"] == before["output"]
+
     def test_field_rules_drop_keep_and_mask(self) -> None:
         cfg = RedactConfig(
             fields=[
