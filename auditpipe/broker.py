@@ -30,7 +30,8 @@ from .settings import Settings
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -38,7 +39,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 def popen_child(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start a helper process that never outlives us: own session, killed when we die."""
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
 
 
 # A consumer group's first join on Tansu waits half the session timeout (README, "Startup

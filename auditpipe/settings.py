@@ -154,6 +154,13 @@ class ProcessorSettings(StrictModel):
     heartbeat_interval_secs: float = Field(1.0, gt=0)
     web_port: int | None = Field(None, description="Faust web server port; None disables it")
     data_dir: str | None = Field(None, description="Faust table state directory (default: temp)")
+    step_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="processes that run the steps beside the worker's own (0: run them in the"
+        " worker process); up to one per spare core raises a worker's throughput",
+    )
 
 
 class RunnerSettings(StrictModel):

@@ -8,6 +8,7 @@ Each round, on the same broker (the embedded one unless AUDITPIPE_KAFKA_BOOTSTRA
   produces each to another topic (acks=all), no decoding: the ceiling for this broker.
 - ``worker``: `auditpipe process` (enrich, redact, sample) reads the same N events from its
   raw topic and forwards them to its events topic.
+- ``worker_step_process``: the same with ``step_processes = 1`` (steps in a second process).
 - ``faust_bare``: a Faust agent that only consumes and acks the same N events (faust_bare.py):
   what Faust's per-event path costs before any work is done.
 - ``chain_in_process``: the same steps called in a loop without Kafka (where the time goes).
@@ -16,8 +17,11 @@ Rates are measured from the first record out to the last one out, so group joins
 start-up are not counted. Over the same window the CPU time (user + system, all threads) of the
 worker process, of the passthrough (this process) and of the broker is read from /proc: CPU
 microseconds per event barely move when other programs load the machine, and they bound what
-one worker can reach (``cpu_bound_events_per_sec``: 1e6 / worker CPU us per event, i.e. the rate
-with one core to itself). Prints one JSON object: medians over the rounds and ratios.
+one worker can reach (``cpu_bound_events_per_sec``: 1e6 / CPU us per event, i.e. the rate with
+one core to itself). ``worker_step_process`` is the worker with ``step_processes = 1``: its CPU
+counts the step process too, and ``worker_step_process_main`` is the worker's own process alone
+(Faust, delivery, the hand-over), which bounds it once the steps have cores of their own.
+Prints one JSON object: medians over the rounds and ratios.
 """
 
 from __future__ import annotations
@@ -58,19 +62,40 @@ def cpu_secs(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-class CpuWindow:
-    """CPU seconds of some processes between :meth:`start` and :meth:`stop`."""
+def child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
 
-    def __init__(self, **pids: int | None) -> None:
+
+class CpuWindow:
+    """CPU seconds of some processes (with their children, e.g. step processes) between
+    :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, alone: tuple[str, ...] = (), **pids: int | None) -> None:
         self.pids = pids
+        self.alone = alone  # keys measured without their children
+        self.family: dict[str, list[int]] = {}
         self.started: dict[str, float] = {}
         self.used: dict[str, float] = {}
 
+    def _now(self, key: str) -> float:
+        return sum(cpu_secs(p) for p in self.family[key])
+
     def start(self) -> None:
-        self.started = {k: cpu_secs(p) for k, p in self.pids.items()}
+        self.family = {
+            k: [p, *child_pids(p)]
+            if p and k not in self.alone and p != os.getpid()
+            else [p]
+            if p
+            else []
+            for k, p in self.pids.items()
+        }
+        self.started = {k: self._now(k) for k in self.pids}
 
     def stop(self) -> None:
-        self.used = {k: cpu_secs(p) - self.started[k] for k, p in self.pids.items()}
+        self.used = {k: self._now(k) - self.started[k] for k in self.pids}
 
     def us_per_event(self, n: int) -> dict[str, float]:
         return {k: round(v / n * 1e6, 1) for k, v in self.used.items()}
@@ -153,6 +178,7 @@ async def drain(
         first: float | None = None
         last = 0.0
         deadline = time.monotonic() + timeout_secs
+        polling_since = time.perf_counter()
         while seen < n:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"worker forwarded only {seen}/{n} events in {timeout_secs}s")
@@ -169,13 +195,15 @@ async def drain(
         if cpu:
             cpu.stop()
         assert first is not None
-        return (n - 1) / (last - first) if last > first else float("inf")
+        if last > first:
+            return (n - 1) / (last - first)
+        return n / (last - polling_since)  # all in one poll (tiny runs): count the wait too
     finally:
         await c.stop()
 
 
 def worker_rate(
-    bootstrap: str, values: list[bytes], tmp: Path, broker_pid: int | None
+    bootstrap: str, values: list[bytes], tmp: Path, broker_pid: int | None, step_processes: int
 ) -> tuple[float, dict[str, float]]:
     run_id = uuid.uuid4().hex[:8]
     raw, out, dlq = f"bench-{run_id}.raw", f"bench-{run_id}.events", f"bench-{run_id}.dlq"
@@ -185,6 +213,7 @@ def worker_rate(
         f'dlq_topic = "{dlq}"\npartitions = {PARTITIONS}\n'
         f'[processors]\napp_id = "bench-{run_id}"\ndata_dir = "{tmp / run_id}"\n'
         "session_timeout_secs = 3\nheartbeat_interval_secs = 0.5\n"
+        f"step_processes = {step_processes}\n"
     )
     settings = load_settings(config, env={})
     asyncio.run(ensure_topics(settings.kafka))
@@ -194,7 +223,9 @@ def worker_rate(
         [sys.executable, "-m", "auditpipe", "process", "--config", str(config)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    cpu = CpuWindow(worker=proc.pid, broker=broker_pid)
+    cpu = CpuWindow(
+        alone=("worker_main",), worker=proc.pid, worker_main=proc.pid, broker=broker_pid
+    )
     try:
         rate = asyncio.run(drain(bootstrap, out, len(values), timeout_secs=300, cpu=cpu))
         return rate, cpu.us_per_event(len(values) - 1)
@@ -255,7 +286,8 @@ def main() -> None:
     args = parser.parse_args()
     values = events(args.events)
     rates: dict[str, list[float]] = {
-        "passthrough": [], "faust_bare": [], "worker": [], "chain_in_process": []
+        "passthrough": [], "faust_bare": [], "worker": [], "worker_step_process": [],
+        "chain_in_process": [],
     }  # fmt: skip
     cpu: dict[str, list[float]] = {}
     with (
@@ -271,10 +303,13 @@ def main() -> None:
             rate, cpu_us = faust_bare_rate(bootstrap, values)
             rates["faust_bare"].append(rate)
             cpu.setdefault("faust_bare", []).append(round(cpu_us, 1))
-            rate, used = worker_rate(bootstrap, values, Path(tmp), broker_pid)
-            rates["worker"].append(rate)
-            cpu.setdefault("worker", []).append(used["worker"])
-            cpu.setdefault("broker_during_worker", []).append(used["broker"])
+            for name, step_processes in (("worker", 0), ("worker_step_process", 1)):
+                rate, used = worker_rate(bootstrap, values, Path(tmp), broker_pid, step_processes)
+                rates[name].append(rate)
+                cpu.setdefault(name, []).append(used["worker"])
+                if step_processes:
+                    cpu.setdefault(f"{name}_main", []).append(used["worker_main"])
+                cpu.setdefault(f"broker_during_{name}", []).append(used["broker"])
             rate = chain_rate(values)
             rates["chain_in_process"].append(rate)
             cpu.setdefault("chain_in_process", []).append(round(1e6 / rate, 1))
@@ -290,11 +325,23 @@ def main() -> None:
                 "events_per_sec_median": {k: round(v) for k, v in med.items()},
                 "events_per_sec_rounds": {k: [round(x) for x in v] for k, v in rates.items()},
                 "worker_vs_passthrough": round(med["worker"] / med["passthrough"], 3),
+                "worker_step_process_vs_worker": round(
+                    med["worker_step_process"] / med["worker"], 3
+                ),
+                "worker_step_process_vs_passthrough": round(
+                    med["worker_step_process"] / med["passthrough"], 3
+                ),
                 "worker_vs_chain_in_process": round(med["worker"] / med["chain_in_process"], 3),
                 "cpu_us_per_event_median": cpu_med,
                 "cpu_bound_events_per_sec": {
                     k: round(1e6 / cpu_med[k])
-                    for k in ("passthrough", "faust_bare", "worker", "chain_in_process")
+                    for k in (
+                        "passthrough",
+                        "faust_bare",
+                        "worker",
+                        "worker_step_process_main",
+                        "chain_in_process",
+                    )
                     if cpu_med[k]
                 },
                 "load_average_1m": round(os.getloadavg()[0], 2),

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import random
 import tempfile
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import faust
@@ -24,6 +26,9 @@ from auditpipe.kafka import require_bootstrap
 from auditpipe.settings import Settings
 
 from .pipeline import Outcome, chain_for, process_record
+from .steps import Step
+
+Record = tuple[bytes | None, bytes | None, str, int, int]  # key, value, topic, partition, offset
 
 log = logging.getLogger("auditpipe.processors")
 
@@ -132,41 +137,110 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
 
     @app.agent(raw, name="auditpipe.process")
     async def process(stream: faust.StreamT[bytes]) -> None:
-        # Pipelined: batch k+1 is processed while batch k is on its way to Kafka. noack_take
-        # leaves acking to us (take_events would ack when the loop body ends, before delivery).
-        inflight: asyncio.Future[None] | None = None
+        # Pipelined: while batch k is on its way to Kafka, later batches are processed (in this
+        # process, or in the step processes). Deliveries run one batch at a time, in order.
+        # noack_take leaves acking to us (take_events would ack when the loop body ends, that
+        # is before delivery); deliver_and_ack acks a batch once Kafka acknowledged it.
+        pool = StepPool(proc.step_processes, settings.pipeline) if proc.step_processes else None
+        depth = proc.step_processes + 1  # batches in flight: every step process busy + 1
+        inflight: deque[asyncio.Future[None]] = deque()
+
+        async def finish(
+            batch: list[Any], processing: asyncio.Future[list[Outcome]], previous: Any
+        ) -> None:
+            outcomes = await processing
+            if previous is not None:
+                await previous
+            await deliver_and_ack(stream, batch, outcomes)
+
         try:
             async for batch in stream.noack_take(  # type: ignore[attr-defined]
                 BATCH_MAX_EVENTS, within=BATCH_WITHIN_SECS
             ):
-                outcomes = [
-                    process_record(
-                        e.message.key,
-                        e.message.value,
-                        topic=e.message.topic,
-                        partition=e.message.partition,
-                        offset=e.message.offset,
-                        steps=steps,
-                    )
-                    for e in batch
+                records = [
+                    (m.key, m.value, m.topic, m.partition, m.offset)
+                    for m in (e.message for e in batch)
                 ]
-                if inflight is not None:
-                    await asyncio.shield(inflight)  # at most two batches in memory
-                inflight = asyncio.ensure_future(deliver_and_ack(stream, batch, outcomes))
-                inflight.add_done_callback(_exit_if_failed)  # also when no batch follows
-            if inflight is not None:
-                await asyncio.shield(inflight)
-        except asyncio.CancelledError:  # worker stopping: let the batch in flight finish
-            if inflight is not None and not inflight.done():
-                try:
-                    await asyncio.wait_for(inflight, DELIVERY_ON_STOP_SECS)
-                except BaseException:
-                    log.warning("stopping with a batch unacknowledged; it will be redelivered")
+                if pool is not None:
+                    processing = pool.submit(records)
+                else:
+                    processing = asyncio.get_running_loop().create_future()
+                    processing.set_result(process_batch(records, steps))
+                previous = inflight[-1] if inflight else None
+                task = asyncio.ensure_future(finish(batch, processing, previous))
+                task.add_done_callback(_exit_if_failed)  # also when no batch follows
+                inflight.append(task)
+                while len(inflight) > depth or (inflight and inflight[0].done()):
+                    await asyncio.shield(inflight.popleft())
+            for task in inflight:
+                await asyncio.shield(task)
+        except asyncio.CancelledError:  # worker stopping: let the batches in flight finish
+            pending = [t for t in inflight if not t.done()]
+            if pending:
+                _, not_done = await asyncio.wait(pending, timeout=DELIVERY_ON_STOP_SECS)
+                if not_done:
+                    log.warning(
+                        "stopping with %d batch(es) unacknowledged; they will be redelivered",
+                        len(not_done),
+                    )
+                    for t in not_done:
+                        t.cancel()
             raise
         except BaseException:
             _exit_unacked()
+        finally:
+            if pool is not None:
+                pool.shutdown()
 
     return app
+
+
+def process_batch(records: list[Record], steps: list[Step]) -> list[Outcome]:
+    """One outcome per ``(key, value, topic, partition, offset)`` record, in order."""
+    return [
+        process_record(key, value, topic=topic, partition=partition, offset=offset, steps=steps)
+        for key, value, topic, partition, offset in records
+    ]
+
+
+class StepPool:
+    """Processes that run the steps on whole batches, so a worker uses more than one core.
+
+    The agent's process keeps Kafka, Faust and delivery; each step process builds the chain
+    from the same ``[pipeline]`` settings. The processes are spawned (not forked: the worker
+    has threads) and die with the worker. A step process that dies fails the batch, and the
+    worker exits without acking it (redelivered after a restart).
+    """
+
+    def __init__(self, processes: int, pipeline: dict[str, Any]) -> None:
+        self._executor = ProcessPoolExecutor(
+            max_workers=processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_step_process,
+            initargs=(pipeline,),
+        )
+
+    def submit(self, records: list[Record]) -> asyncio.Future[list[Outcome]]:
+        return asyncio.get_running_loop().run_in_executor(
+            self._executor, _process_in_step_process, records
+        )
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+_STEPS: list[Step] = []  # the chain, in a step process
+
+
+def _init_step_process(pipeline: dict[str, Any]) -> None:
+    from auditpipe.broker import die_with_parent
+
+    die_with_parent()
+    _STEPS[:] = chain_for(pipeline)
+
+
+def _process_in_step_process(records: list[Record]) -> list[Outcome]:
+    return process_batch(records, _STEPS)
 
 
 def _exit_unacked() -> None:

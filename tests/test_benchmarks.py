@@ -44,7 +44,7 @@ class TestProcessorBench:
         )  # fmt: skip
         assert result.returncode == 0, result.stderr.decode()
         out = json.loads(result.stdout)
-        kinds = {"passthrough", "faust_bare", "worker", "chain_in_process"}
+        kinds = {"passthrough", "faust_bare", "worker", "worker_step_process", "chain_in_process"}
         assert set(out["events_per_sec_median"]) == kinds
         assert all(v > 0 for v in out["events_per_sec_median"].values())
         assert kinds <= set(out["cpu_us_per_event_median"])

@@ -16,23 +16,31 @@ from auditpipe.dlq import H_REASON, H_STAGE, headers_dict
 from auditpipe.kafka import ensure_topics
 from auditpipe.settings import Settings
 
+from .conftest import wait_until
 from .kafkautil import consume, produce, run
 from .tcpproxy import TcpProxy
 from .workers import spawn_worker, stop
 
 
-@pytest.fixture
-def worker(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
-    proc = spawn_worker(settings, tmp_path)
+@pytest.fixture(params=[0, 1], ids=["steps-in-worker", "one-step-process"])
+def worker(settings: Settings, tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    proc = spawn_worker(with_step_processes(settings, request.param), tmp_path)
     yield proc
     stop(proc)
+
+
+def with_step_processes(settings: Settings, n: int) -> Settings:
+    return settings.model_copy(
+        update={"processors": settings.processors.model_copy(update={"step_processes": n})}
+    )
 
 
 class TestProcessorWorker:
     def test_garbage_goes_to_dlq_and_good_events_around_it_are_delivered(
         self, settings: Settings, worker: subprocess.Popen[bytes]
     ) -> None:
-        """Interleaved malformed records end in the DLQ with the reason; the worker lives on."""
+        """Interleaved malformed records end in the DLQ with the reason; the worker lives on
+        (decode failures happen in the step process when there is one)."""
         good = [new_event(request_id=f"g{i}", model="m") for i in range(30)]
         garbage = [b"", b"{json: no}", b"\x00\x00\x00\x00\x01\xff\xff"]
         values: list[bytes] = []
@@ -63,19 +71,23 @@ class TestProcessorWorker:
 
 
 class TestWorkerKilled:
+    @pytest.mark.parametrize("step_processes", [0, 1])
     def test_kill_9_mid_stream_then_restart_delivers_every_event(
-        self, settings: Settings, tmp_path: Path
+        self, settings: Settings, tmp_path: Path, step_processes: int
     ) -> None:
         """SIGKILL a worker while it forwards a stream; a new one delivers the rest.
 
-        Duplicates are allowed (at-least-once) and counted; missing events are not.
+        Duplicates are allowed (at-least-once) and counted; missing events are not. With step
+        processes, the killed worker's step process must die with it.
         """
+        settings = with_step_processes(settings, step_processes)
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         n = 3000
         bootstrap = settings.kafka.bootstrap or ""
         first = spawn_worker(settings, tmp_path, "first")
         second: subprocess.Popen[bytes] | None = None
+        orphans: list[int] = []
 
         async def scenario() -> tuple[dict[str, int], int]:
             nonlocal second
@@ -109,6 +121,7 @@ class TestWorkerKilled:
                             rid = decode(m.value)["request_id"]
                             seen[rid] = seen.get(rid, 0) + 1
                     if second is None and len(seen) >= n // 4:
+                        orphans.extend(child_pids(first.pid))
                         first.kill()  # SIGKILL: no flush, no commit, no LeaveGroup
                         first.wait()
                         second = spawn_worker(settings, tmp_path, "second")
@@ -128,6 +141,17 @@ class TestWorkerKilled:
         assert second is not None, "the first worker was never killed"
         assert first.returncode == -signal.SIGKILL
         assert set(seen) == {f"k{i}" for i in range(n)}
+        assert len(orphans) >= step_processes, orphans  # (spawn adds a resource tracker)
+        wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in orphans), 10,
+                   "the killed worker's step processes to exit")  # fmt: skip
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc), e.g. a worker's step processes."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
 
 
 class TestWorkerMetrics:
@@ -176,11 +200,13 @@ class TestWorkerMetrics:
 
 
 class TestDeadAgent:
+    @pytest.mark.parametrize("step_processes", [0, 1])
     def test_an_agent_that_dies_takes_the_worker_down_and_loses_nothing(
-        self, settings: Settings, tmp_path: Path
+        self, settings: Settings, tmp_path: Path, step_processes: int
     ) -> None:
-        """An error escaping the agent exits the worker (code 70) without acking the batch;
-        a healthy worker started afterwards delivers the same events."""
+        """An error escaping the steps (in the worker or in a step process) exits the worker
+        (code 70) without acking the batch; a healthy worker afterwards delivers the events."""
+        settings = with_step_processes(settings, step_processes)
         bootstrap = settings.kafka.bootstrap or ""
         values = [encode(new_event(request_id=f"d{i}")) for i in range(20)]
         run(produce(bootstrap, settings.kafka.raw_topic, values))

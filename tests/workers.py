@@ -21,6 +21,7 @@ def write_config(settings: Settings, path: Path, steps: list[str] | None = None)
         f"session_timeout_secs = {p.session_timeout_secs}\n"
         f"heartbeat_interval_secs = {p.heartbeat_interval_secs}\n"
         + (f"web_port = {p.web_port}\n" if p.web_port else "")
+        + (f"step_processes = {p.step_processes}\n" if p.step_processes else "")
         + (f"[pipeline]\nsteps = {steps!r}\n".replace("'", '"') if steps is not None else "")
     )
     return path
