@@ -172,8 +172,8 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
                 inflight.append(task)
                 while len(inflight) > depth or (inflight and inflight[0].done()):
                     await asyncio.shield(inflight.popleft())
-            for task in inflight:
-                await asyncio.shield(task)
+            for remaining in inflight:
+                await asyncio.shield(remaining)
         except asyncio.CancelledError:  # worker stopping: let the batches in flight finish
             pending = [t for t in inflight if not t.done()]
             if pending:
