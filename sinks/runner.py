@@ -72,6 +72,7 @@ class _Partition:
     """What the runner holds for one assigned partition."""
 
     records: list[ConsumerRecord] = field(default_factory=list)
+    decoded: list[Event | DecodeError] = field(default_factory=list)  # records[i], decoded
     nbytes: int = 0
     since: float = 0.0  # monotonic time the oldest buffered record arrived
     failing_since: float | None = None
@@ -79,6 +80,7 @@ class _Partition:
     backoff: float = 0.0
     committed: int | None = None
     task: asyncio.Task[bool] | None = None  # the write in flight (one per partition)
+    commit: asyncio.Task[None] | None = None  # the latest commit (they run in offset order)
     full: bool = False  # paused because four batches' worth is buffered
     paused: bool = False
 
@@ -88,13 +90,15 @@ class _Rebalance(ConsumerRebalanceListener):
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # A write in flight finishes (and commits) first; buffered records of a revoked
-        # partition are uncommitted: its next owner reads them.
+        # A write in flight finishes and commits first; buffered records of a revoked
+        # partition are uncommitted: its next owner reads them. Forgotten first, so that the
+        # loop starts no further write for it meanwhile.
         for tp in revoked:
-            part = self.runner._parts.get(tp)
+            part = self.runner._parts.pop(tp, None)
             if part is not None and part.task is not None:
                 await asyncio.wait({part.task})
-            self.runner._parts.pop(tp, None)
+            if part is not None and part.commit is not None:
+                await asyncio.wait({part.commit})
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         if assigned:
@@ -210,6 +214,10 @@ class SinkRunner:
                     if not part.records:
                         part.since = now
                     part.records.extend(msgs)
+                    # Decoded on arrival: while a partition's write is in flight, the loop
+                    # decodes its next batches, so the write of batch k overlaps the decoding
+                    # (and fetching) of batch k+1.
+                    part.decoded.extend(self._decode(m) for m in msgs)
                     part.nbytes += sum(_size(m) for m in msgs)
                     self.stats.received += len(msgs)
                     if (
@@ -226,6 +234,9 @@ class SinkRunner:
                 await asyncio.wait(in_flight)
             self._collect()
             await self._flush(consumer, final=True)
+            commits = [p.commit for p in self._parts.values() if p.commit is not None]
+            if commits:
+                await asyncio.wait(commits)
         finally:
             stopping.cancel()
             if poll is not None and not poll.done():
@@ -291,44 +302,58 @@ class SinkRunner:
                     break
                 part = self._parts.get(tp)
 
-    def _take(self, part: _Partition) -> list[ConsumerRecord]:
+    def _decode(self, msg: ConsumerRecord) -> Event | DecodeError:
+        try:
+            return decode(msg.value, self.settings.runner.reader_schema_id)
+        except DecodeError as exc:
+            return exc
+
+    def _take(self, part: _Partition) -> tuple[int, int]:
+        """How many of the partition's buffered records the next batch takes, and their bytes."""
         runner = self.settings.runner
-        chunk: list[ConsumerRecord] = []
-        nbytes = 0
+        if part.nbytes < runner.max_bytes and len(part.records) <= runner.max_events:
+            return len(part.records), part.nbytes
+        count = nbytes = 0
         for msg in part.records:
-            if chunk and (len(chunk) >= runner.max_events or nbytes >= runner.max_bytes):
+            if count and (count >= runner.max_events or nbytes >= runner.max_bytes):
                 break
-            chunk.append(msg)
+            count += 1
             nbytes += _size(msg)
-        return chunk
+        return count, nbytes
 
     async def _deliver(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, part: _Partition
     ) -> bool:
-        """Write the partition's next batch, dead-letter, commit. False if it must be retried."""
-        chunk = self._take(part)
+        """Write the partition's next batch and dead-letter, then start its commit (which runs
+        after the previous commits of the partition). False if the batch must be retried."""
+        count, nbytes = self._take(part)
+        chunk = part.records[:count]
+        decoded = part.decoded[:count]
         events: list[Event] = []
         offsets: list[int] = []
-        sources: dict[int, ConsumerRecord] = {}
         dead: list[Dead] = []
-        for msg in chunk:
-            try:
-                events.append(decode(msg.value, self.settings.runner.reader_schema_id))
+        for msg, event in zip(chunk, decoded, strict=True):
+            if isinstance(event, DecodeError):
+                dead.append((msg, "decode", event.reason, event))
+            else:
+                events.append(event)
                 offsets.append(msg.offset)
-                sources[msg.offset] = msg
-            except DecodeError as exc:
-                dead.append((msg, "decode", exc.reason, exc))
         batch = Batch(events, tp.topic, tp.partition, offsets)
         try:
             rejected = await self._write_isolating(batch) if batch else []
-            dead.extend((sources[o], f"sink:{self.sink.name}", "rejected", e) for o, e in rejected)
+            if rejected:
+                sources = {m.offset: m for m in chunk}
+                dead.extend(
+                    (sources[o], f"sink:{self.sink.name}", "rejected", e) for o, e in rejected
+                )
             if dead:
                 await self._dead_letter(dead)
         except Exception as exc:
             self._failed(consumer, tp, part, exc)
             return False
-        del part.records[: len(chunk)]
-        part.nbytes = sum(_size(m) for m in part.records)
+        del part.records[:count]
+        del part.decoded[:count]
+        part.nbytes -= nbytes
         part.since = time.monotonic()
         runner = self.settings.runner
         if part.full and (
@@ -347,7 +372,24 @@ class SinkRunner:
         if self.on_written is not None and written:
             done = {o for o, _ in rejected}
             self.on_written([e for e, o in zip(batch, batch.offsets, strict=True) if o not in done])
-        next_offset = chunk[-1].offset + 1
+        # Everything up to next_offset is durably written (or dead-lettered): commit it, in
+        # the background so the partition's next write can start meanwhile. Each commit waits
+        # for the partition's previous one, so committed offsets only move forward.
+        part.commit = asyncio.create_task(
+            self._commit(consumer, tp, part, chunk[-1].offset + 1, part.commit)
+        )
+        return True
+
+    async def _commit(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        part: _Partition,
+        next_offset: int,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait({previous})
         try:
             await consumer.commit({tp: next_offset})
             part.committed = next_offset
@@ -355,7 +397,6 @@ class SinkRunner:
         except Exception as exc:  # rebalanced away: the new owner redelivers (writes idempotent)
             self._count_error(exc)
             log.warning("sink %s: commit of %s failed: %s", self.sink.name, tp, exc)
-        return True
 
     def _failed(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, part: _Partition, exc: BaseException
