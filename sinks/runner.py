@@ -9,8 +9,9 @@ covers events that are durably stored or in the DLQ.
 
 Each partition has at most one write in flight (a task), so its batches are written and
 committed in offset order, while the loop keeps fetching and other partitions' writes run
-concurrently. A partition with four batches' worth buffered behind a slow write is paused
-until it drains: memory stays bounded.
+concurrently. A partition with four batches' worth buffered behind a slow write is no longer
+drained from the consumer until it goes below that (aiokafka then fetches nothing more for
+it): memory stays bounded.
 
 Errors, and who handles them:
 
@@ -94,7 +95,7 @@ class _Partition:
     committed: int | None = None
     task: asyncio.Task[bool] | None = None  # the write in flight (one per partition)
     commit: asyncio.Task[None] | None = None  # the latest commit (they run in offset order)
-    full: bool = False  # paused because four batches' worth is buffered
+    full: bool = False  # four batches' worth is buffered: not drained from the consumer
     paused: bool = False
 
 
@@ -199,26 +200,32 @@ class SinkRunner:
         runner = self.settings.runner
         stopping = asyncio.ensure_future(self._stopping.wait())
         poll: asyncio.Future[Any] | None = None
+        polling: frozenset[TopicPartition] | None = None  # what ``poll`` drains (None: all)
         try:
             while not self._stopping.is_set():
-                if poll is None:
+                wanted = self._drainable(consumer)
+                if poll is not None and polling != wanted and poll.cancel():
+                    poll = None  # cancelled before it drained anything: nothing is lost
+                if poll is None and wanted != frozenset():
                     poll = asyncio.ensure_future(
                         consumer.getmany(
+                            *(wanted or ()),
                             timeout_ms=int(self._poll_timeout() * 1000) or 1,
                             max_records=runner.max_events,
                         )
                     )
+                    polling = wanted
                 # Wake for records, for a finished write (to start the partition's next one),
                 # for a retry that is due, or to stop.
                 writes = [p.task for p in self._parts.values() if p.task is not None]
                 await asyncio.wait(
-                    {poll, stopping, *writes},
+                    {*([poll] if poll is not None else ()), stopping, *writes},
                     timeout=self._poll_timeout(),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if self._stopping.is_set():
                     break
-                if not poll.done():
+                if poll is None or not poll.done():
                     self._schedule(consumer)
                     continue
                 records, poll = poll.result(), None
@@ -241,7 +248,6 @@ class SinkRunner:
                         or part.nbytes >= 4 * runner.max_bytes
                     ):
                         part.full = True
-                        self._set_paused(consumer, tp, part)
                 self._schedule(consumer)
             if poll is not None and not poll.done():
                 poll.cancel()
@@ -278,8 +284,21 @@ class SinkRunner:
             if part.task is None and self._ready(part, now):
                 part.task = asyncio.create_task(self._deliver(consumer, tp, part))
 
+    def _drainable(self, consumer: AIOKafkaConsumer) -> frozenset[TopicPartition] | None:
+        """The partitions to take records from: all (None) unless some are full.
+
+        A full partition is left alone rather than paused: aiokafka fetches nothing more for a
+        partition while it holds records of it that were not taken, so at most one fetch
+        response (``max_partition_fetch_bytes``) waits beside the four buffered batches,
+        and it is not thrown away (pausing would discard it and fetch it again on resume).
+        """
+        full = {tp for tp, part in self._parts.items() if part.full}
+        if not full:
+            return None
+        return frozenset(tp for tp in consumer.assignment() if tp not in full)
+
     def _set_paused(self, consumer: AIOKafkaConsumer, tp: TopicPartition, part: _Partition) -> None:
-        want = part.full or part.failing_since is not None
+        want = part.failing_since is not None
         if want != part.paused and tp in consumer.assignment():
             (consumer.pause if want else consumer.resume)(tp)
             part.paused = want
