@@ -54,7 +54,9 @@ class S3Config(StrictModel):
     upload_timeout_secs: float = Field(30.0, gt=0, description="per object, retries included")
     max_attempts: int = Field(3, ge=1, description="botocore attempts per request")
     concurrency: int = Field(16, ge=1, le=256, description="parallel uploads")
-    gzip_level: int = Field(5, ge=1, le=9)
+    gzip_level: int = Field(
+        3, ge=1, le=9, description="jsonl.gz: 3 compresses ~1.6x faster than 5, ~8% larger"
+    )
     sse: Literal["AES256", "aws:kms"] | None = Field(None, description="server-side encryption")
     sse_kms_key_id: str | None = None
     object_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
