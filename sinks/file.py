@@ -59,7 +59,9 @@ class FileConfig(StrictModel):
     )
     backups: int = Field(10, ge=0, description="rotated segments kept (oldest deleted)")
     gzip: bool = True
-    gzip_level: int = Field(6, ge=1, le=9)
+    gzip_level: int = Field(
+        3, ge=1, le=9, description="3 compresses chat text ~2x faster than 6, ~10% larger"
+    )
     fsync: Literal["batch", "rotate", "never"] = "batch"
     dedupe_window_events: int = Field(
         100_000, ge=0, description="recently written event ids skipped on redelivery (0: off)"
