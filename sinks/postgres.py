@@ -221,6 +221,14 @@ def _strip_nulls(value: Any) -> Any:
     return value
 
 
+def _envelope(event: Event) -> dict[str, Any]:
+    """The event without input and output (a copy and two deletions: 8x a comprehension)."""
+    envelope = event.copy()
+    envelope.pop("input", None)
+    envelope.pop("output", None)
+    return envelope
+
+
 def _number(value: Any) -> bool:
     return type(value) is int or type(value) is float
 
@@ -298,8 +306,7 @@ def _copy_rows(events: Sequence[Event]) -> dict[str, bytes]:
                 text = None if status is None else f"HTTP {status}"
             errors.append(b"\x00\x03" + eid_field + _text(text) + raw_response)
         # metadata: the rest of the event
-        envelope = {k: v for k, v in event.items() if k != "input" and k != "output"}
-        metadata.append(b"\x00\x02" + eid_field + _jsonb(envelope))
+        metadata.append(b"\x00\x02" + eid_field + _jsonb(_envelope(event)))
     tables = zip(COPY_COLUMNS, (requests, responses, errors, metadata), strict=True)
     return {table: b"".join(rows) + _TRAILER for table, rows in tables if len(rows) > 1}
 
@@ -316,7 +323,7 @@ def _json_field(value: Any) -> bytes:
 def _stage_row(event: Event) -> bytes:
     """One COPY text line: id, ts_ms, the envelope, input, output (split so that no staged
     value is large enough to be TOAST-compressed and decompressed again by every insert)."""
-    envelope = {k: v for k, v in event.items() if k != "input" and k != "output"}
+    envelope = _envelope(event)
     return b"\t".join((
         _copy_text(str(event["event_id"]).encode()), b"%d" % event["ts_ms"],
         _json_field(envelope), _json_field(event.get("input")), _json_field(event.get("output")),
