@@ -19,11 +19,15 @@ A full disk (or any other OSError) never crashes the runner: the partial write i
 away, so the retried batch does not duplicate lines, and :class:`RetriableSinkError` makes the
 runner pause and retry until space is back. A segment that cannot be gzipped for lack of space
 stays uncompressed and is compressed at a later rotation.
+
+Rotated segments are gzipped and pruned on a background thread (one per sink, so never two
+at once), not inside the write that rotated; ``stop()`` waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import gzip
 import logging
@@ -55,7 +59,9 @@ class FileConfig(StrictModel):
     )
     backups: int = Field(10, ge=0, description="rotated segments kept (oldest deleted)")
     gzip: bool = True
-    gzip_level: int = Field(6, ge=1, le=9)
+    gzip_level: int = Field(
+        3, ge=1, le=9, description="3 compresses chat text ~2x faster than 6, ~10% larger"
+    )
     fsync: Literal["batch", "rotate", "never"] = "batch"
     dedupe_window_events: int = Field(
         100_000, ge=0, description="recently written event ids skipped on redelivery (0: off)"
@@ -78,6 +84,11 @@ class FileSink(Sink):
         self._seq = 0
         self._lock = threading.Lock()
         self._recent: OrderedDict[str, None] = OrderedDict()
+        # Rotated segments are gzipped and pruned by one background thread, so that a
+        # rotation does not hold up the write that triggered it (gzip of a 100 MB segment of
+        # chat text at level 6 takes seconds).
+        self._housekeeper: concurrent.futures.ThreadPoolExecutor | None = None
+        self._housekeeping_done: concurrent.futures.Future[None] | None = None
         # Seam for tests that cannot mount a small filesystem: os.write's signature.
         self.os_write: Callable[[int, bytes | memoryview], int] = os.write
 
@@ -139,6 +150,13 @@ class FileSink(Sink):
 
     async def stop(self) -> None:
         await asyncio.to_thread(self._close)
+        await asyncio.to_thread(self._finish_housekeeping)
+
+    def _finish_housekeeping(self) -> None:
+        housekeeper, self._housekeeper = self._housekeeper, None
+        self._housekeeping_done = None
+        if housekeeper is not None:
+            housekeeper.shutdown(wait=True)
 
     # -----------------------------------------------------------------------------------------
 
@@ -209,11 +227,30 @@ class FileSink(Sink):
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._size = 0
         self._opened_at = time.monotonic()
-        if self.config.gzip:
-            for segment in self._segments():
-                if not segment.name.endswith(".gz"):
-                    self._compress(segment)
-        self._prune()
+        if self._housekeeper is None:
+            self._housekeeper = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="auditpipe-file-gzip"
+            )
+        # At most one rotation's housekeeping runs behind the writes: if the previous one is
+        # still going, this write waits for it (disk use stays bounded; gzip keeps up).
+        if self._housekeeping_done is not None:
+            self._housekeeping_done.result()
+        self._housekeeping_done = self._housekeeper.submit(self._housekeeping)
+
+    def _housekeeping(self) -> None:
+        """Gzip the rotated segments that are not yet (also earlier failures), then prune.
+
+        Runs on the single housekeeping thread only, so compression and pruning never race
+        each other; the writer only ever adds plain segments (by renaming the active file).
+        """
+        try:
+            if self.config.gzip:
+                for segment in self._segments():
+                    if not segment.name.endswith(".gz"):
+                        self._compress(segment)
+            self._prune()
+        except Exception as exc:  # never lose the thread's work silently
+            log.warning("file sink: housekeeping of %s failed: %s", self.path, exc)
 
     def _rotated_name(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -15,10 +15,14 @@ messages (or prompt); ``raw_request``/``raw_response`` the input/output as captu
 ``metadata.metadata`` holds every other event field (ids, trace, usage, caller metadata,
 processing steps...), so the event can be rebuilt from the four tables.
 
-Loading: each batch is COPYed into a temporary staging table and moved with
-``INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING`` in one transaction, so a redelivered
-event is a no-op. Connection errors are retriable; data PostgreSQL refuses (for example a
-``\\u0000`` in JSON) is a permanent error, which the runner narrows down to the event.
+Loading: each batch is COPYed (binary format) straight into the four tables in one
+transaction, the rows built in Python with the same mapping as the SQL below. A redelivered
+event makes that COPY fail on the primary key; the batch is then loaded the slow, idempotent
+way: COPYed into a temporary staging table and moved with ``INSERT ... SELECT ... ON CONFLICT
+(id) DO NOTHING``, so a redelivered event is a no-op. (Events whose shape the Python mapping
+does not reproduce exactly, e.g. a non-string ``model``, take that way too.) Connection errors
+are retriable; data PostgreSQL refuses (for example a ``\\u0000`` in JSON) is a permanent
+error, which the runner narrows down to the event.
 
 Retention: with ``retention_days`` set, requests older than that (and, by cascade, their
 other rows) are deleted every ``retention_interval_secs``.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -159,6 +164,157 @@ def _load_sql(schema: str) -> list[str]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------
+# The fast path: binary COPY into the tables themselves
+#
+# Binary COPY: a signature, then per row a 16-bit field count and per field a 32-bit length
+# (-1: NULL) and the value in the type's binary form: text is UTF-8, jsonb is a version byte
+# (1) followed by the JSON text, timestamptz is 64-bit microseconds since 2000-01-01 UTC.
+
+COPY_COLUMNS = {
+    "requests": 'id, "timestamp", request_id, endpoint, model, parameters, inputs, raw_request',
+    "responses": 'id, model_name, model_version, "timestamp", parameters, outputs, raw_response',
+    "errors": "id, error, response",
+    "metadata": "id, metadata",
+}
+_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # + flags, header extension length
+_TRAILER = b"\xff\xff"
+_NULL = b"\xff\xff\xff\xff"
+_LEN = struct.Struct("!i").pack
+_TS = struct.Struct("!iq").pack  # length 8, value
+_PG_EPOCH_SECS = 946684800  # 2000-01-01 in Unix seconds
+_TS_MIN_MS, _TS_MAX_MS = -62135596800000, 253402300800000  # years 1 .. 9999
+_INPUT_KEYS = ("messages", "prompt", "input")
+_OUTPUT_KEYS = ("choices", "output", "outputs")
+_RESPONSE_PARAMETERS = ("status_code", "stream", "latency_ms", "ttft_ms", "usage")
+
+
+class _Unusual(Exception):
+    """An event the fast path does not map exactly as the SQL would: use the staging path."""
+
+
+def _text(value: Any) -> bytes:
+    if value is None:
+        return _NULL
+    if type(value) is not str:
+        raise _Unusual
+    data = value.encode()
+    return _LEN(len(data)) + data
+
+
+def _jsonb(value: Any) -> bytes:
+    data = orjson.dumps(value)
+    return _LEN(len(data) + 1) + b"\x01" + data
+
+
+def _timestamp(seconds: float) -> bytes:
+    # As to_timestamp(float8) computes it: shift the epoch in float8, then round to microseconds.
+    return _TS(8, round((seconds - _PG_EPOCH_SECS) * 1000000.0))
+
+
+def _strip_nulls(value: Any) -> Any:
+    """jsonb_strip_nulls: drop object fields whose value is null, at every depth."""
+    if isinstance(value, dict):
+        return {k: _strip_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_strip_nulls(v) for v in value]
+    return value
+
+
+def _envelope(event: Event) -> dict[str, Any]:
+    """The event without input and output (a copy and two deletions: 8x a comprehension)."""
+    envelope = event.copy()
+    envelope.pop("input", None)
+    envelope.pop("output", None)
+    return envelope
+
+
+def _number(value: Any) -> bool:
+    return type(value) is int or type(value) is float
+
+
+def _copy_rows(events: Sequence[Event]) -> dict[str, bytes]:
+    """Binary COPY data for each table (tables without rows left out), built exactly as the
+    staging path's SQL builds the rows. Raises :class:`_Unusual` for what it cannot map."""
+    requests, responses, errors, metadata = [_SIGNATURE], [_SIGNATURE], [_SIGNATURE], [_SIGNATURE]
+    for event in events:
+        eid = event["event_id"]
+        ts_ms = event["ts_ms"]
+        if type(eid) is not str or type(ts_ms) is not int or not _TS_MIN_MS < ts_ms < _TS_MAX_MS:
+            raise _Unusual
+        eid_field = _text(eid)
+        model = _text(event.get("model"))
+        inp, out = event.get("input"), event.get("output")
+        # requests
+        if inp is None:
+            parameters = inputs = raw_request = _NULL
+        else:
+            raw_request = _jsonb(inp)
+            if isinstance(inp, dict):
+                parameters = _jsonb({k: v for k, v in inp.items() if k not in _INPUT_KEYS})
+                inputs = _NULL
+                for key in _INPUT_KEYS:
+                    if key in inp:
+                        inputs = _jsonb(inp[key])
+                        break
+            else:
+                parameters, inputs = _NULL, raw_request
+        requests.append(
+            b"\x00\x08" + eid_field + _timestamp(ts_ms / 1000) + _text(event.get("request_id"))
+            + _text(event.get("endpoint")) + model + parameters + inputs + raw_request
+        )  # fmt: skip
+        # responses, when there is an output
+        status = event.get("status_code")
+        if status is not None and type(status) is not int:
+            raise _Unusual
+        raw_response = _NULL
+        if out is not None:
+            raw_response = _jsonb(out)
+            latency = event.get("latency_ms")
+            if latency is not None and not _number(latency):
+                raise _Unusual
+            if isinstance(out, dict):
+                version = _text(out.get("model"))
+                outputs = _NULL
+                for key in _OUTPUT_KEYS:
+                    if key in out:
+                        outputs = _jsonb(out[key])
+                        break
+            else:
+                version, outputs = _NULL, raw_response
+            params = {k: v for k in _RESPONSE_PARAMETERS if (v := event.get(k)) is not None}
+            responses.append(
+                b"\x00\x07" + eid_field + model + version
+                + _timestamp((ts_ms + float(latency or 0)) / 1000.0)
+                + _jsonb(_strip_nulls(params)) + outputs + raw_response
+            )  # fmt: skip
+        # errors: an error, or an HTTP status >= 400
+        error = event.get("error")
+        if error is not None or (status or 0) >= 400:
+            kind = message = None
+            if error is not None:
+                if not isinstance(error, dict):
+                    raise _Unusual
+                kind, message = error.get("type"), error.get("message")
+                if (kind is not None and type(kind) is not str) or (
+                    message is not None and type(message) is not str
+                ):
+                    raise _Unusual
+            if kind is not None and message is not None:
+                text: str | None = f"{kind}: {message}"
+            else:
+                text = None if status is None else f"HTTP {status}"
+            errors.append(b"\x00\x03" + eid_field + _text(text) + raw_response)
+        # metadata: the rest of the event
+        metadata.append(b"\x00\x02" + eid_field + _jsonb(_envelope(event)))
+    tables = zip(COPY_COLUMNS, (requests, responses, errors, metadata), strict=True)
+    return {table: b"".join(rows) + _TRAILER for table, rows in tables if len(rows) > 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# The staging path (redelivery, unusual events)
+
+
 def _json_field(value: Any) -> bytes:
     # orjson escapes control characters, so in COPY's text format only backslashes need doubling
     return b"\\N" if value is None else orjson.dumps(value).replace(b"\\", b"\\\\")
@@ -167,7 +323,7 @@ def _json_field(value: Any) -> bytes:
 def _stage_row(event: Event) -> bytes:
     """One COPY text line: id, ts_ms, the envelope, input, output (split so that no staged
     value is large enough to be TOAST-compressed and decompressed again by every insert)."""
-    envelope = {k: v for k, v in event.items() if k != "input" and k != "output"}
+    envelope = _envelope(event)
     return b"\t".join((
         _copy_text(str(event["event_id"]).encode()), b"%d" % event["ts_ms"],
         _json_field(envelope), _json_field(event.get("input")), _json_field(event.get("output")),
@@ -289,25 +445,54 @@ class PostgresSink(Sink):
         import psycopg
 
         assert self._pool is not None
-        data = b"".join(_stage_row(e) for e in events)
         try:
-            async with self._pool.connection() as conn, conn.transaction():
-                await conn.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS auditpipe_stage "
-                    "(id TEXT, ts_ms BIGINT, ev JSONB, inp JSONB, out JSONB) ON COMMIT DELETE ROWS"
-                )
-                async with conn.cursor().copy(
-                    "COPY auditpipe_stage (id, ts_ms, ev, inp, out) FROM STDIN"
-                ) as copy:
-                    await copy.write(data)
-                for sql in self._load:
-                    await conn.execute(sql)
+            rows: dict[str, bytes] | None = _copy_rows(events)
+        except _Unusual:
+            rows = None
+        except (TypeError, ValueError) as exc:  # not serialisable as JSON (orjson's errors)
+            raise PermanentSinkError(f"postgres sink: rejected: {exc}") from exc
+        schema = f'"{self.config.schema_name}"'
+        try:
+            async with self._pool.connection() as conn:
+                if rows is not None:
+                    try:
+                        async with conn.transaction():
+                            for table, data in rows.items():
+                                async with conn.cursor().copy(
+                                    f"COPY {schema}.{table} ({COPY_COLUMNS[table]}) "
+                                    "FROM STDIN (FORMAT BINARY)"
+                                ) as copy:
+                                    await copy.write(data)
+                        return
+                    except psycopg.errors.UniqueViolation:
+                        pass  # some events are stored already (redelivery): the staging path
+                await self._load_staged(conn, events)
+        except PermanentSinkError:
+            raise
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             raise PermanentSinkError(f"postgres sink: rejected: {exc}") from exc
         except (psycopg.Error, OSError) as exc:
             raise RetriableSinkError(f"postgres sink: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:  # pool timeout and the like
             raise RetriableSinkError(f"postgres sink: {type(exc).__name__}: {exc}") from exc
+
+    async def _load_staged(self, conn: Any, events: Sequence[Event]) -> None:
+        """COPY into a staging table, then insert-on-conflict-do-nothing into each table."""
+        try:
+            data = b"".join(_stage_row(e) for e in events)
+        except (TypeError, ValueError) as exc:
+            raise PermanentSinkError(f"postgres sink: rejected: {exc}") from exc
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS auditpipe_stage "
+                "(id TEXT, ts_ms BIGINT, ev JSONB, inp JSONB, out JSONB) ON COMMIT DELETE ROWS"
+            )
+            async with conn.cursor().copy(
+                "COPY auditpipe_stage (id, ts_ms, ev, inp, out) FROM STDIN"
+            ) as copy:
+                await copy.write(data)
+            for sql in self._load:
+                await conn.execute(sql)
 
     async def prune(self) -> int:
         """Delete requests (and their rows) older than ``retention_days``; return how many."""

@@ -9,8 +9,9 @@ covers events that are durably stored or in the DLQ.
 
 Each partition has at most one write in flight (a task), so its batches are written and
 committed in offset order, while the loop keeps fetching and other partitions' writes run
-concurrently. A partition with four batches' worth buffered behind a slow write is paused
-until it drains: memory stays bounded.
+concurrently. A partition with four batches' worth buffered behind a slow write is no longer
+drained from the consumer until it goes below that (aiokafka then fetches nothing more for
+it): memory stays bounded.
 
 Errors, and who handles them:
 
@@ -27,6 +28,12 @@ Errors, and who handles them:
 buffered batch one last write attempt, commits what was written and returns. Whatever was
 not written stays uncommitted and is redelivered to the next runner of the group.
 
+Records are decoded as they arrive, so a partition's next batches are decoded while its
+current write is in flight; the commit after a write runs in the background while the next
+write starts (a partition's commits are chained, so its committed offset only moves forward).
+The runner raises the cyclic GC's first-generation threshold of the process to
+``GC_GEN0_THRESHOLD`` (see there why).
+
 Health and metrics: with ``runner.health_port`` set, ``/healthz`` and ``/metrics``
 (Prometheus) are served; see :mod:`auditpipe.sinks.health`.
 """
@@ -34,6 +41,7 @@ Health and metrics: with ``runner.health_port`` set, ``/healthz`` and ``/metrics
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import time
@@ -55,6 +63,12 @@ log = logging.getLogger("auditpipe.sinks")
 
 Dead = tuple[ConsumerRecord, str, str, BaseException]
 
+# The cyclic GC's first generation runs after this many net container allocations (Python's
+# default is 700). Decoded events are dozens of small dicts and lists each, and the runner holds
+# up to four batches per partition, so with the default it ran every few events and kept
+# re-traversing the buffered batches: about a quarter of the runner's CPU (benchmarks/sinks.py).
+GC_GEN0_THRESHOLD = 50_000
+
 
 @dataclass
 class RunnerStats:
@@ -72,6 +86,7 @@ class _Partition:
     """What the runner holds for one assigned partition."""
 
     records: list[ConsumerRecord] = field(default_factory=list)
+    decoded: list[Event | DecodeError] = field(default_factory=list)  # records[i], decoded
     nbytes: int = 0
     since: float = 0.0  # monotonic time the oldest buffered record arrived
     failing_since: float | None = None
@@ -79,7 +94,8 @@ class _Partition:
     backoff: float = 0.0
     committed: int | None = None
     task: asyncio.Task[bool] | None = None  # the write in flight (one per partition)
-    full: bool = False  # paused because four batches' worth is buffered
+    commit: asyncio.Task[None] | None = None  # the latest commit (they run in offset order)
+    full: bool = False  # four batches' worth is buffered: not drained from the consumer
     paused: bool = False
 
 
@@ -88,13 +104,15 @@ class _Rebalance(ConsumerRebalanceListener):
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # A write in flight finishes (and commits) first; buffered records of a revoked
-        # partition are uncommitted: its next owner reads them.
+        # A write in flight finishes and commits first; buffered records of a revoked
+        # partition are uncommitted: its next owner reads them. Forgotten first, so that the
+        # loop starts no further write for it meanwhile.
         for tp in revoked:
-            part = self.runner._parts.get(tp)
+            part = self.runner._parts.pop(tp, None)
             if part is not None and part.task is not None:
                 await asyncio.wait({part.task})
-            self.runner._parts.pop(tp, None)
+            if part is not None and part.commit is not None:
+                await asyncio.wait({part.commit})
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         if assigned:
@@ -151,6 +169,9 @@ class SinkRunner:
             max_poll_records=runner.max_events,
         )
         consumer.subscribe([kafka.events_topic], listener=_Rebalance(self))
+        gen0, gen1, gen2 = gc.get_threshold()
+        if 0 < gen0 < GC_GEN0_THRESHOLD:  # 0: the process turned the GC off; leave it so
+            gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
         self._consumer = consumer
         self._dlq = AIOKafkaProducer(**producer_kwargs(kafka, self.settings.producer))
         health = None
@@ -179,26 +200,32 @@ class SinkRunner:
         runner = self.settings.runner
         stopping = asyncio.ensure_future(self._stopping.wait())
         poll: asyncio.Future[Any] | None = None
+        polling: frozenset[TopicPartition] | None = None  # what ``poll`` drains (None: all)
         try:
             while not self._stopping.is_set():
-                if poll is None:
+                wanted = self._drainable(consumer)
+                if poll is not None and polling != wanted and poll.cancel():
+                    poll = None  # cancelled before it drained anything: nothing is lost
+                if poll is None and wanted != frozenset():
                     poll = asyncio.ensure_future(
                         consumer.getmany(
+                            *(wanted or ()),
                             timeout_ms=int(self._poll_timeout() * 1000) or 1,
                             max_records=runner.max_events,
                         )
                     )
+                    polling = wanted
                 # Wake for records, for a finished write (to start the partition's next one),
                 # for a retry that is due, or to stop.
                 writes = [p.task for p in self._parts.values() if p.task is not None]
                 await asyncio.wait(
-                    {poll, stopping, *writes},
+                    {*([poll] if poll is not None else ()), stopping, *writes},
                     timeout=self._poll_timeout(),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if self._stopping.is_set():
                     break
-                if not poll.done():
+                if poll is None or not poll.done():
                     self._schedule(consumer)
                     continue
                 records, poll = poll.result(), None
@@ -210,6 +237,10 @@ class SinkRunner:
                     if not part.records:
                         part.since = now
                     part.records.extend(msgs)
+                    # Decoded on arrival: while a partition's write is in flight, the loop
+                    # decodes its next batches, so the write of batch k overlaps the decoding
+                    # (and fetching) of batch k+1.
+                    part.decoded.extend(self._decode(m) for m in msgs)
                     part.nbytes += sum(_size(m) for m in msgs)
                     self.stats.received += len(msgs)
                     if (
@@ -217,7 +248,6 @@ class SinkRunner:
                         or part.nbytes >= 4 * runner.max_bytes
                     ):
                         part.full = True
-                        self._set_paused(consumer, tp, part)
                 self._schedule(consumer)
             if poll is not None and not poll.done():
                 poll.cancel()
@@ -226,6 +256,9 @@ class SinkRunner:
                 await asyncio.wait(in_flight)
             self._collect()
             await self._flush(consumer, final=True)
+            commits = [p.commit for p in self._parts.values() if p.commit is not None]
+            if commits:
+                await asyncio.wait(commits)
         finally:
             stopping.cancel()
             if poll is not None and not poll.done():
@@ -251,8 +284,21 @@ class SinkRunner:
             if part.task is None and self._ready(part, now):
                 part.task = asyncio.create_task(self._deliver(consumer, tp, part))
 
+    def _drainable(self, consumer: AIOKafkaConsumer) -> frozenset[TopicPartition] | None:
+        """The partitions to take records from: all (None) unless some are full.
+
+        A full partition is left alone rather than paused: aiokafka fetches nothing more for a
+        partition while it holds records of it that were not taken, so at most one fetch
+        response (``max_partition_fetch_bytes``) waits beside the four buffered batches,
+        and it is not thrown away (pausing would discard it and fetch it again on resume).
+        """
+        full = {tp for tp, part in self._parts.items() if part.full}
+        if not full:
+            return None
+        return frozenset(tp for tp in consumer.assignment() if tp not in full)
+
     def _set_paused(self, consumer: AIOKafkaConsumer, tp: TopicPartition, part: _Partition) -> None:
-        want = part.full or part.failing_since is not None
+        want = part.failing_since is not None
         if want != part.paused and tp in consumer.assignment():
             (consumer.pause if want else consumer.resume)(tp)
             part.paused = want
@@ -291,44 +337,58 @@ class SinkRunner:
                     break
                 part = self._parts.get(tp)
 
-    def _take(self, part: _Partition) -> list[ConsumerRecord]:
+    def _decode(self, msg: ConsumerRecord) -> Event | DecodeError:
+        try:
+            return decode(msg.value, self.settings.runner.reader_schema_id)
+        except DecodeError as exc:
+            return exc
+
+    def _take(self, part: _Partition) -> tuple[int, int]:
+        """How many of the partition's buffered records the next batch takes, and their bytes."""
         runner = self.settings.runner
-        chunk: list[ConsumerRecord] = []
-        nbytes = 0
+        if part.nbytes < runner.max_bytes and len(part.records) <= runner.max_events:
+            return len(part.records), part.nbytes
+        count = nbytes = 0
         for msg in part.records:
-            if chunk and (len(chunk) >= runner.max_events or nbytes >= runner.max_bytes):
+            if count and (count >= runner.max_events or nbytes >= runner.max_bytes):
                 break
-            chunk.append(msg)
+            count += 1
             nbytes += _size(msg)
-        return chunk
+        return count, nbytes
 
     async def _deliver(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, part: _Partition
     ) -> bool:
-        """Write the partition's next batch, dead-letter, commit. False if it must be retried."""
-        chunk = self._take(part)
+        """Write the partition's next batch and dead-letter, then start its commit (which runs
+        after the previous commits of the partition). False if the batch must be retried."""
+        count, nbytes = self._take(part)
+        chunk = part.records[:count]
+        decoded = part.decoded[:count]
         events: list[Event] = []
         offsets: list[int] = []
-        sources: dict[int, ConsumerRecord] = {}
         dead: list[Dead] = []
-        for msg in chunk:
-            try:
-                events.append(decode(msg.value, self.settings.runner.reader_schema_id))
+        for msg, event in zip(chunk, decoded, strict=True):
+            if isinstance(event, DecodeError):
+                dead.append((msg, "decode", event.reason, event))
+            else:
+                events.append(event)
                 offsets.append(msg.offset)
-                sources[msg.offset] = msg
-            except DecodeError as exc:
-                dead.append((msg, "decode", exc.reason, exc))
         batch = Batch(events, tp.topic, tp.partition, offsets)
         try:
             rejected = await self._write_isolating(batch) if batch else []
-            dead.extend((sources[o], f"sink:{self.sink.name}", "rejected", e) for o, e in rejected)
+            if rejected:
+                sources = {m.offset: m for m in chunk}
+                dead.extend(
+                    (sources[o], f"sink:{self.sink.name}", "rejected", e) for o, e in rejected
+                )
             if dead:
                 await self._dead_letter(dead)
         except Exception as exc:
             self._failed(consumer, tp, part, exc)
             return False
-        del part.records[: len(chunk)]
-        part.nbytes = sum(_size(m) for m in part.records)
+        del part.records[:count]
+        del part.decoded[:count]
+        part.nbytes -= nbytes
         part.since = time.monotonic()
         runner = self.settings.runner
         if part.full and (
@@ -347,7 +407,24 @@ class SinkRunner:
         if self.on_written is not None and written:
             done = {o for o, _ in rejected}
             self.on_written([e for e, o in zip(batch, batch.offsets, strict=True) if o not in done])
-        next_offset = chunk[-1].offset + 1
+        # Everything up to next_offset is durably written (or dead-lettered): commit it, in
+        # the background so the partition's next write can start meanwhile. Each commit waits
+        # for the partition's previous one, so committed offsets only move forward.
+        part.commit = asyncio.create_task(
+            self._commit(consumer, tp, part, chunk[-1].offset + 1, part.commit)
+        )
+        return True
+
+    async def _commit(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        part: _Partition,
+        next_offset: int,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait({previous})
         try:
             await consumer.commit({tp: next_offset})
             part.committed = next_offset
@@ -355,7 +432,6 @@ class SinkRunner:
         except Exception as exc:  # rebalanced away: the new owner redelivers (writes idempotent)
             self._count_error(exc)
             log.warning("sink %s: commit of %s failed: %s", self.sink.name, tp, exc)
-        return True
 
     def _failed(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, part: _Partition, exc: BaseException

@@ -54,7 +54,9 @@ class S3Config(StrictModel):
     upload_timeout_secs: float = Field(30.0, gt=0, description="per object, retries included")
     max_attempts: int = Field(3, ge=1, description="botocore attempts per request")
     concurrency: int = Field(16, ge=1, le=256, description="parallel uploads")
-    gzip_level: int = Field(5, ge=1, le=9)
+    gzip_level: int = Field(
+        3, ge=1, le=9, description="jsonl.gz: 3 compresses ~1.6x faster than 5, ~8% larger"
+    )
     sse: Literal["AES256", "aws:kms"] | None = Field(None, description="server-side encryption")
     sse_kms_key_id: str | None = None
     object_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
@@ -71,9 +73,25 @@ class S3Config(StrictModel):
         return self
 
 
+HOUR_MS = 3_600_000
+
+
 def _hour(ts_ms: int) -> str:
     t = dt.datetime.fromtimestamp(ts_ms / 1000, dt.UTC)
     return f"dt={t:%Y-%m-%d}/hour={t:%H}"
+
+
+def _hours(events: Sequence[Event]) -> list[str]:
+    """``_hour`` of every event, formatted once per distinct hour."""
+    names: dict[int, str] = {}
+    out = []
+    for event in events:
+        hour = event["ts_ms"] // HOUR_MS
+        name = names.get(hour)
+        if name is None:
+            name = names[hour] = _hour(hour * HOUR_MS)
+        out.append(name)
+    return out
 
 
 def _avro_record(event: Event) -> dict[str, Any]:
@@ -149,22 +167,25 @@ class S3Sink(Sink):
         prefix = f"{prefix}/" if prefix else ""
         if self.config.mode == "per_event":
             return [
-                (f"{prefix}{_hour(e['ts_ms'])}/{e['event_id']}.json", to_json(e),
-                 "application/json")
-                for e in batch
-            ]  # fmt: skip
+                (f"{prefix}{hour}/{e['event_id']}.json", to_json(e), "application/json")
+                for hour, e in zip(_hours(batch), batch, strict=True)
+            ]
         # From the runner: named by source offsets. A plain sequence (no source): by the
         # group's first event id, so that different batches never share a name.
         sourced = isinstance(batch, Batch)
         topic, partition, _ = batch_source(batch)
         offsets = batch.offsets if isinstance(batch, Batch) else list(range(len(batch)))
-        groups: dict[str, list[tuple[int, Event]]] = {}
-        for offset, event in zip(offsets, batch, strict=True):
-            groups.setdefault(_hour(event["ts_ms"]), []).append((offset, event))
+        groups: dict[str, tuple[list[int], list[Event]]] = {}
+        for hour, offset, event in zip(_hours(batch), offsets, batch, strict=True):
+            group = groups.get(hour)
+            if group is None:
+                groups[hour] = ([offset], [event])
+            else:
+                group[0].append(offset)
+                group[1].append(event)
         out = []
-        for hour, items in groups.items():
-            start = min(o for o, _ in items)
-            events = [e for _, e in items]
+        for hour, (group_offsets, events) in groups.items():
+            start = min(group_offsets)
             name = (
                 f"{topic}-{partition}-{start:020d}" if sourced else f"batch-{events[0]['event_id']}"
             )

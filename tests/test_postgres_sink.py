@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from auditpipe.sinks import postgres
 from auditpipe.sinks.postgres import PostgresSink
 from auditpipe.sinks.runner import SinkRunner
 
@@ -113,6 +114,52 @@ class TestWrite:
         meta = query(pg_dsn, f'SELECT metadata FROM "{schema}".metadata ORDER BY id')
         assert meta[0][0]["metadata"] == ok["metadata"] and "input" not in meta[0][0]
         assert meta[0][0]["usage"] == ok["usage"]
+
+    def test_the_binary_copy_stores_what_the_staging_path_stores(
+        self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The fast path (binary COPY into the tables) builds every row as the staging SQL does,
+        over odd shapes too; a redelivered batch then takes the staging path and is a no-op."""
+        evs = make_events(13)
+        evs[1].update(status_code=500, output=None, error={"type": "upstream", "message": "boom"})
+        evs[2].update(status_code=404, output={"output": [{"type": "message"}], "id": "x"})
+        evs[3].update(input="a bare prompt", output="a bare answer", status_code=None)
+        evs[4].update(input={"messages": None, "prompt": "p", "n": 2}, latency_ms=None)
+        evs[5].update(input={"temperature": 1}, output={"model": None}, ttft_ms=3.25)
+        evs[6].update(usage={"prompt_tokens": 3, "completion_tokens": None, "total_tokens": None})
+        evs[7].update(latency_ms=12.3456789, ts_ms=1796227365055, stream=True)
+        evs[8].update(error={"type": "timeout", "message": None}, status_code=504)
+        evs[9].update(error={"type": "cancelled", "message": "client left"}, status_code=None)
+        evs[10].update(request_id="r-ünï-😀", input={"messages": [{"content": "héllo \t\n\\ 😀"}]})
+        evs[11].update(output=[0.25, -1.5], endpoint="/v1/embeddings", model=None)
+        evs[12].update(metadata={"ticket": "T-1", "nested": "a\\b"}, status_code=400, error=None)
+
+        def load(schema: str) -> dict[str, list[Any]]:
+            async def scenario() -> None:
+                sink = pg_sink(pg_dsn, schema, auto_migrate=True, write_concurrency=1)
+                await sink.start()
+                try:
+                    await sink.write(evs)
+                    await sink.write(evs[:5])  # redelivered: the staging path, a no-op
+                finally:
+                    await sink.stop()
+
+            asyncio.run(scenario())
+            return {
+                t: query(pg_dsn, f'SELECT * FROM "{schema}".{t} ORDER BY id')
+                for t in ("requests", "responses", "errors", "metadata")
+            }
+
+        assert set(postgres._copy_rows(evs)) == {"requests", "responses", "errors", "metadata"}
+        fast_rows = load(new_schema())
+
+        def staging_only(events: Any) -> dict[str, bytes]:
+            raise postgres._Unusual
+
+        monkeypatch.setattr(postgres, "_copy_rows", staging_only)
+        staged_rows = load(new_schema())
+        assert fast_rows == staged_rows
+        assert [len(fast_rows[t]) for t in ("requests", "responses", "errors")] == [13, 12, 5]
 
     def test_retention_deletes_old_requests_and_their_rows(self, pg_dsn: str) -> None:
         schema = new_schema()

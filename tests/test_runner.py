@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import pytest
 from auditpipe.schemas import Event, encode, new_event
 from auditpipe.sinks import Batch, PermanentSinkError, RetriableSinkError, Sink
 from auditpipe.sinks.runner import SinkRunner
@@ -190,6 +191,39 @@ class TestBatchingAndBackpressure:
         for b in sink.batches:
             assert b.topic == s.kafka.events_topic
             assert b.offsets == list(range(b.first_offset, b.first_offset + len(b)))
+
+    def test_commits_follow_the_writes_in_order_while_the_next_write_runs(
+        self, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Commits run in the background, yet each covers only written events, never goes back."""
+        from aiokafka import AIOKafkaConsumer
+
+        s = fast(settings, max_events=5, max_wait_secs=0.01)
+        sink = PartitionSink()
+        seen: list[tuple[int, int, int]] = []  # partition, committed offset, written up to
+        commit = AIOKafkaConsumer.commit
+
+        async def recording_commit(self: AIOKafkaConsumer, offsets: Any = None) -> None:
+            for tp, offset in offsets.items():
+                ends = [b.offsets[-1] + 1 for b in sink.batches if b.partition == tp.partition]
+                seen.append((tp.partition, offset, max(ends, default=0)))
+            await asyncio.sleep(0.005)  # a slow broker: the next write starts meanwhile
+            await commit(self, offsets)
+
+        monkeypatch.setattr(AIOKafkaConsumer, "commit", recording_commit)
+
+        async def scenario() -> SinkRunner:
+            await produce_keyed(s, keyed(30, 0) + keyed(30, 1))
+            runner = SinkRunner(sink, s)
+            await run_sink(runner, lambda: sink.count() == 60)
+            assert await committed(s, runner.group_id) == 60
+            return runner
+
+        asyncio.run(scenario())
+        for partition in (0, 1):
+            offsets = [o for p, o, _ in seen if p == partition]
+            assert offsets == sorted(set(offsets)), offsets
+        assert len(seen) >= 4 and all(offset <= written for _, offset, written in seen), seen
 
     def test_a_failing_partition_is_paused_while_the_others_flow(self, settings: Settings) -> None:
         """Partition 0's store fails: it is paused and retried; partition 1 keeps being written."""
