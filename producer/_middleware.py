@@ -97,12 +97,13 @@ class AuditMiddleware:
         if scope["type"] != "http" or not self.enabled:
             await self.app(scope, receive, send)
             return
+        producer = self.producer
+        started = producer._request_seen = time.perf_counter()  # the sender keeps out of the way
         match = self._paths.match(scope.get("path", ""))
         if match is None:
             await self.app(scope, receive, send)
             return
 
-        started = time.perf_counter()
         x = Exchange(scope["path"], scope.get("method", "POST"), time.time_ns() // 1_000_000)
         request_id = None
         raw_headers = scope.get("headers") or ()
@@ -151,8 +152,9 @@ class AuditMiddleware:
                     raise
                 body = message.get("body", b"")
                 if body:
+                    now = producer._request_seen = time.perf_counter()
                     if not state["first"]:
-                        state["first"] = time.perf_counter()
+                        state["first"] = now
                     if state["size"] < limit:
                         response_body.append(body)
                         state["size"] += len(body)
@@ -162,7 +164,7 @@ class AuditMiddleware:
                     else:
                         x.collect_truncated = True
                 if last:
-                    state["last"] = time.perf_counter()
+                    state["last"] = producer._request_seen = time.perf_counter()
                 return
             if kind == "http.response.start":
                 x.status = message["status"]
