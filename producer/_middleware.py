@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from functools import partial
 from typing import Any
 
 from auditpipe.settings import ProducerSettings, validate_model
@@ -211,8 +210,11 @@ class AuditMiddleware:
             if state["first"]:
                 x.ttft_ms = round((state["first"] - started) * 1000, 3)
             x.request_bytes = raw
-            x.response_bytes = response_body  # joined on the sender thread
+            # several chunks are joined on the sender thread; one is kept as is (no list left
+            # for the garbage collector while the capture waits in the queue)
+            x.response_bytes = response_body[0] if len(response_body) == 1 else response_body
             x.streamed = x.response_is_sse
-            self.producer.emit(partial(_event.build, x, self.cfg, self.header_allowlist))
+            x.cfg, x.allowlist = self.cfg, self.header_allowlist
+            self.producer.emit(x)
         except Exception:  # never into the request path
             self.producer._stats.dropped["capture_error"] += 1
