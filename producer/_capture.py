@@ -44,7 +44,7 @@ class Capture:
         force: bool = True,
     ) -> None:
         self.producer = producer
-        self._started = time.perf_counter()
+        self._started = producer._request_seen = time.perf_counter()  # see AuditProducer._pace
         self._first: float | None = None
         self._done = False
         x = Exchange(endpoint, method, time.time_ns() // 1_000_000)
@@ -93,7 +93,7 @@ class Capture:
         self._done = True
         try:
             x = self.exchange
-            now = time.perf_counter()
+            now = self.producer._request_seen = time.perf_counter()
             x.incomplete = x.incomplete or incomplete
             x.latency_ms = round((now - self._started) * 1000, 3)
             if self._first is not None:

@@ -199,11 +199,11 @@ class Exchange:
     """
 
     __slots__ = (
-        "chunks", "collect_truncated", "endpoint", "exc", "extra_chunks", "forced", "headers",
-        "incomplete", "latency_ms", "metadata", "method", "model_hint", "request",
-        "request_bytes", "request_id", "response", "response_bytes", "response_is_json",
-        "response_is_sse", "span_id", "status", "streamed", "trace_id", "traceparent", "ts_ms",
-        "ttft_ms",
+        "allowlist", "cfg", "chunks", "collect_truncated", "endpoint", "exc", "extra_chunks",
+        "forced", "headers", "incomplete", "latency_ms", "metadata", "method", "model_hint",
+        "request", "request_bytes", "request_id", "response", "response_bytes",
+        "response_is_json", "response_is_sse", "span_id", "status", "streamed", "trace_id",
+        "traceparent", "ts_ms", "ttft_ms",
     )  # fmt: skip
 
     def __init__(self, endpoint: str, method: str = "POST", ts_ms: int = 0) -> None:
@@ -233,6 +233,15 @@ class Exchange:
         self.model_hint: str | None = None
         self.metadata: Any = None
         self.forced = False  # header x-auditpipe-store, or an explicit library capture
+        self.cfg: ProducerSettings | None = None  # set when the exchange is emitted as is
+        self.allowlist: frozenset[str] = frozenset()
+
+    def __call__(self) -> Event | None:
+        """The event (see :func:`build`) with ``cfg`` and ``allowlist``: the middleware emits
+        the exchange itself, one object fewer per request for the garbage collector to scan
+        while it waits in the queue (a ``partial`` would be another)."""
+        assert self.cfg is not None
+        return build(self, self.cfg, self.allowlist)
 
 
 _TEMPLATE: Event = {}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from functools import partial
 from typing import Any
 
 from auditpipe.settings import ProducerSettings, validate_model
@@ -97,12 +96,13 @@ class AuditMiddleware:
         if scope["type"] != "http" or not self.enabled:
             await self.app(scope, receive, send)
             return
+        producer = self.producer
+        started = producer._request_seen = time.perf_counter()  # the sender keeps out of the way
         match = self._paths.match(scope.get("path", ""))
         if match is None:
             await self.app(scope, receive, send)
             return
 
-        started = time.perf_counter()
         x = Exchange(scope["path"], scope.get("method", "POST"), time.time_ns() // 1_000_000)
         request_id = None
         raw_headers = scope.get("headers") or ()
@@ -151,8 +151,9 @@ class AuditMiddleware:
                     raise
                 body = message.get("body", b"")
                 if body:
+                    now = producer._request_seen = time.perf_counter()
                     if not state["first"]:
-                        state["first"] = time.perf_counter()
+                        state["first"] = now
                     if state["size"] < limit:
                         response_body.append(body)
                         state["size"] += len(body)
@@ -162,7 +163,7 @@ class AuditMiddleware:
                     else:
                         x.collect_truncated = True
                 if last:
-                    state["last"] = time.perf_counter()
+                    state["last"] = producer._request_seen = time.perf_counter()
                 return
             if kind == "http.response.start":
                 x.status = message["status"]
@@ -209,8 +210,11 @@ class AuditMiddleware:
             if state["first"]:
                 x.ttft_ms = round((state["first"] - started) * 1000, 3)
             x.request_bytes = raw
-            x.response_bytes = response_body  # joined on the sender thread
+            # several chunks are joined on the sender thread; one is kept as is (no list left
+            # for the garbage collector while the capture waits in the queue)
+            x.response_bytes = response_body[0] if len(response_body) == 1 else response_body
             x.streamed = x.response_is_sse
-            self.producer.emit(partial(_event.build, x, self.cfg, self.header_allowlist))
+            x.cfg, x.allowlist = self.cfg, self.header_allowlist
+            self.producer.emit(x)
         except Exception:  # never into the request path
             self.producer._stats.dropped["capture_error"] += 1
