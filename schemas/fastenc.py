@@ -88,7 +88,7 @@ class _Gen:
             item = self.var()
             self.emit(indent, f"{v} = {expr}")
             self.emit(indent, f"if {v}:")
-            self.emit(indent + 1, f"long(out, len({v}))")
+            self.emit(indent + 1, f"long(out, len({v}))")  # item counts are few
             if kind == "map":
                 key = self.var()
                 self.emit(indent + 1, f"for {key}, {item} in {v}.items():")
@@ -116,10 +116,16 @@ class _Gen:
             self.emit(indent, f"{v} = dumps({expr})")
             self.emit(indent, f"long(out, len({v}))")
             self.emit(indent, f"out += {v}")
-        elif kind == "string":
-            self.emit(indent, f"string(out, {expr})")
-        elif kind in ("long", "int"):
-            self.emit(indent, f"long(out, {expr}.__index__())")
+        elif kind == "string":  # inlined: lengths under 64 are one byte
+            b, n = self.var(), self.var()
+            self.emit(indent, f"{b} = {expr}.encode()")
+            self.emit(indent, f"{n} = len({b})")
+            self.emit(indent, f"out.append({n} << 1) if {n} < 64 else long(out, {n})")
+            self.emit(indent, f"out += {b}")
+        elif kind in ("long", "int"):  # inlined: 0 <= n < 64 is one byte
+            n = self.var()
+            self.emit(indent, f"{n} = {expr}.__index__()")
+            self.emit(indent, f"out.append({n} << 1) if 0 <= {n} < 64 else long(out, {n})")
         elif kind == "boolean":
             self.emit(indent, f"out.append(1 if {expr} else 0)")
         elif kind == "double":
