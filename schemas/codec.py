@@ -232,6 +232,13 @@ def encode_with_fastavro(event: Event, sid: int) -> bytes:
 
 
 @cache
+def _fast_decoder(schema_id: int) -> Callable[[bytes], Event] | None:
+    from .fastenc import compile_decoder  # generated from the schema; same values as fastavro
+
+    return compile_decoder(schema_id)
+
+
+@cache
 def _fast_encoder(schema_id: int) -> Callable[[Event], bytes] | None:
     from .fastenc import compile_encoder  # generated from the schema; same bytes as fastavro
 
@@ -262,7 +269,21 @@ def decode(
         raise DecodeError(
             f"unknown schema id {schema_id} (known: {known_schema_ids()})", "unknown_schema"
         ) from None
-    reader = schema_by_id(reader_schema_id or latest_schema_id())
+    reader_id = reader_schema_id or latest_schema_id()
+    if reader_id == schema_id:
+        fast = _fast_decoder(schema_id)
+        if fast is not None:
+            try:
+                return fast(data)
+            except Exception:  # does not decode: fastavro below says why (or manages after all)
+                pass
+    return decode_with_fastavro(data, schema_id, writer, reader_id)
+
+
+def decode_with_fastavro(data: bytes, schema_id: int, writer: Any, reader_id: int) -> Event:
+    """The reference decoder (fastavro, with schema resolution when ``reader_id`` differs);
+    :func:`decode` uses it for other schemas and when the fast path refuses."""
+    reader = schema_by_id(reader_id)
     body = io.BytesIO(data)
     body.seek(_HEADER.size)
     try:
