@@ -79,7 +79,11 @@ class ProducerSettings(StrictModel):
     queue_max_events: int = Field(10_000, ge=1, description="bounded queue in front of the sender")
     linger_ms: int = Field(5, ge=0)
     max_batch_bytes: int = Field(1_048_576, ge=1024)
-    compression: Literal["gzip", "none", "snappy", "lz4", "zstd"] = "gzip"
+    compression: Literal["gzip", "none", "snappy", "lz4", "zstd"] = Field(
+        "lz4",
+        description="Kafka batch compression of the producer hook, the processors and the DLQ;"
+        " lz4 costs the least CPU (gzip: about a third less producer throughput)",
+    )
     enable_idempotence: bool = True
     stop_timeout_secs: float = Field(10.0, gt=0, description="how long stop() flushes at most")
     enabled: bool = Field(True, description="global switch; False captures nothing")

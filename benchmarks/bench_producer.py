@@ -9,7 +9,8 @@
    AuditMiddleware with capture off (``enabled = false``) and on (``capture = "all"``).
 3. ``throughput``: events/s from one process into the embedded broker (emit until every event
    is acknowledged; ``when_full = "block"`` applies backpressure), then the topic is read back
-   and its distinct event ids counted to prove zero loss.
+   and its distinct event ids counted to prove zero loss; with the default codec, lz4
+   (``throughput``), uncompressed (``throughput_none``) and gzip (``throughput_gzip``).
 
 Targets (issue 3): emit p99 <= 20 us; added middleware latency p99 <= 100 us; >= 50k events/s.
 """
@@ -34,9 +35,9 @@ from auditpipe.schemas import new_event
 
 from auditpipe.broker import EmbeddedBroker
 from auditpipe.kafka import ensure_topics
-from auditpipe.settings import Settings, load_settings
+from auditpipe.settings import ProducerSettings, Settings, load_settings
 
-COMPRESSION = os.environ.get("BENCH_COMPRESSION", "gzip")
+COMPRESSION = os.environ.get("BENCH_COMPRESSION", ProducerSettings().compression)
 BATCH_BYTES = int(os.environ.get("BENCH_BATCH_BYTES", "1048576"))
 
 
@@ -211,11 +212,11 @@ def bench_middleware(bootstrap: str, n: int) -> dict[str, Any]:
     return results
 
 
-def bench_throughput(bootstrap: str, n: int) -> dict[str, Any]:
+def bench_throughput(bootstrap: str, n: int, compression: str) -> dict[str, Any]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     s = settings_for(bootstrap, when_full="block", block_timeout_ms=10_000,
-                     queue_max_events=50_000, compression="none",
+                     queue_max_events=50_000, compression=compression,
                      linger_ms=20, max_batch_bytes=4_194_304)  # fmt: skip
     events = [chat_event(i) for i in range(n)]
     producer = AuditProducer(s).start()
@@ -253,7 +254,7 @@ def bench_throughput(bootstrap: str, n: int) -> dict[str, Any]:
         "zero_loss": on_topic == n and stats["sent"] == n and not stats["dropped"],
         "seconds": round(elapsed, 3),
         "events_per_sec": round(n / elapsed),
-        "compression": "none",
+        "compression": compression,
         "spooled": stats["spooled"],
         "target_events_per_sec": 50_000,
     }
@@ -278,7 +279,11 @@ def main() -> None:
         if "middleware" in parts:
             result["middleware"] = bench_middleware(broker.bootstrap, args.middleware_calls)
         if "throughput" in parts:
-            result["throughput"] = bench_throughput(broker.bootstrap, args.throughput_events)
+            # the default codec, then uncompressed and gzip for comparison
+            default = ProducerSettings().compression
+            for codec, key in ((default, "throughput"), ("none", "throughput_none"),
+                               ("gzip", "throughput_gzip")):  # fmt: skip
+                result[key] = bench_throughput(broker.bootstrap, args.throughput_events, codec)
     print(json.dumps(result, indent=2))
 
 

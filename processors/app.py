@@ -50,7 +50,9 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         "topic_partitions": kafka.partitions,
         "topic_replication_factor": kafka.replication_factor,
         "producer_acks": -1,
-        "producer_compression_type": "gzip",
+        "producer_compression_type": (
+            None if settings.producer.compression == "none" else settings.producer.compression
+        ),
         "producer_linger": 0.005,
         "producer_max_batch_size": 1 << 20,
         "broker_session_timeout": proc.session_timeout_secs,
