@@ -235,8 +235,15 @@ _STEPS: list[Step] = []  # the chain, in a step process
 
 
 def _init_step_process(pipeline: dict[str, Any]) -> None:
+    import signal
+
     from auditpipe.broker import die_with_parent
 
+    # Ctrl-C in a terminal and systemd's stop signal the whole group: the worker stops in order
+    # (finishing the batches in flight, here too) and then ends this process; or it dies, and
+    # the kernel ends this one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent()
     _STEPS[:] = chain_for(pipeline)
 

@@ -146,6 +146,41 @@ class TestWorkerKilled:
                    "the killed worker's step processes to exit")  # fmt: skip
 
 
+class TestGroupSignal:
+    @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+    def test_a_signal_to_the_whole_group_stops_the_worker_cleanly_mid_stream(
+        self, settings: Settings, tmp_path: Path, sig: signal.Signals
+    ) -> None:
+        """Ctrl-C in a terminal or systemd's stop reach the step process too: it ignores them,
+        the worker stops in order (not exit code 70), the step process ends with it, and a
+        restarted worker delivers every event."""
+        import os
+
+        s = with_step_processes(settings, 1)
+        bootstrap = s.kafka.bootstrap or ""
+        n = 3000
+        run(produce_many(bootstrap, s.kafka.raw_topic, [
+            encode(new_event(request_id=f"g{i}")) for i in range(n)
+        ]))  # fmt: skip
+        first = spawn_worker(s, tmp_path, "first", own_group=True)
+        second: subprocess.Popen[bytes] | None = None
+        try:
+            run(consume(bootstrap, s.kafka.events_topic, 1, timeout_secs=60))  # mid-stream now
+            children = child_pids(first.pid)
+            assert children, "no step process"
+            os.killpg(first.pid, sig)
+            assert first.wait(30) in (0, -sig), (tmp_path / "first.log").read_text()
+            wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in children), 10,
+                       "the step process to end with the worker")  # fmt: skip
+            second = spawn_worker(s, tmp_path, "second")
+            records = run(consume(bootstrap, s.kafka.events_topic, n, timeout_secs=120))
+            assert {decode(r.value)["request_id"] for r in records} == {f"g{i}" for i in range(n)}
+        finally:
+            stop(first)
+            if second is not None:
+                stop(second)
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc), e.g. a worker's step processes."""
     out: list[int] = []

@@ -28,9 +28,14 @@ def write_config(settings: Settings, path: Path, steps: list[str] | None = None)
 
 
 def spawn_worker(
-    settings: Settings, tmp_path: Path, name: str = "worker", steps: list[str] | None = None
+    settings: Settings,
+    tmp_path: Path,
+    name: str = "worker",
+    steps: list[str] | None = None,
+    own_group: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """`auditpipe process` as users run it, configured by a settings file."""
+    """`auditpipe process` as users run it, configured by a settings file (``own_group``: in
+    a process group of its own, as a terminal or a service manager would start it)."""
     config = write_config(settings, tmp_path / f"{name}.toml", steps)
     load_settings(config, env={})  # the file itself must be valid
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITPIPE_")}
@@ -39,6 +44,7 @@ def spawn_worker(
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / f"{name}.log", "wb"),
+        start_new_session=own_group,
     )
 
 
