@@ -106,7 +106,9 @@ class _Rebalance(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: Any) -> None:
         # A write in flight finishes and commits first; buffered records of a revoked
         # partition are uncommitted: its next owner reads them. Forgotten first, so that the
-        # loop starts no further write for it meanwhile.
+        # loop starts no further write for it meanwhile; records fetched before this point
+        # and not yet taken in are dropped by the loop (see ``_generation``).
+        self.runner._generation += 1
         for tp in revoked:
             part = self.runner._parts.pop(tp, None)
             if part is not None and part.task is not None:
@@ -115,6 +117,7 @@ class _Rebalance(ConsumerRebalanceListener):
                 await asyncio.wait({part.commit})
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.runner._generation += 1
         if assigned:
             self.runner.assigned.set()
 
@@ -145,6 +148,11 @@ class SinkRunner:
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
         self._parts: dict[TopicPartition, _Partition] = {}
+        # Moves at every rebalance. Records that a poll returned before it moved are dropped,
+        # not buffered: after an (eager) rebalance the consumer reads every partition again
+        # from its committed offset, and a stale batch taken in behind a revoked partition's
+        # unwritten records could be committed past them.
+        self._generation = 0
 
     def stop(self) -> None:
         """Ask the runner to finish the current batches, commit and return from :meth:`run`."""
@@ -207,13 +215,7 @@ class SinkRunner:
                 if poll is not None and polling != wanted and poll.cancel():
                     poll = None  # cancelled before it drained anything: nothing is lost
                 if poll is None and wanted != frozenset():
-                    poll = asyncio.ensure_future(
-                        consumer.getmany(
-                            *(wanted or ()),
-                            timeout_ms=int(self._poll_timeout() * 1000) or 1,
-                            max_records=runner.max_events,
-                        )
-                    )
+                    poll = asyncio.ensure_future(self._poll(consumer, wanted))
                     polling = wanted
                 # Wake for records, for a finished write (to start the partition's next one),
                 # for a retry that is due, or to stop.
@@ -228,11 +230,17 @@ class SinkRunner:
                 if poll is None or not poll.done():
                     self._schedule(consumer)
                     continue
-                records, poll = poll.result(), None
+                (records, generation), poll = poll.result(), None
                 if consumer.assignment():
                     self.assigned.set()
                 now = time.monotonic()
+                assignment = consumer.assignment()
                 for tp, msgs in records.items():
+                    if generation != self._generation or tp not in assignment:
+                        log.info("sink %s: %d record(s) of %s fetched before a rebalance "
+                                 "dropped (read again from the committed offset)",
+                                 self.sink.name, len(msgs), tp)  # fmt: skip
+                        continue
                     part = self._parts.setdefault(tp, _Partition())
                     if not part.records:
                         part.since = now
@@ -283,6 +291,18 @@ class SinkRunner:
         for tp, part in self._parts.items():
             if part.task is None and self._ready(part, now):
                 part.task = asyncio.create_task(self._deliver(consumer, tp, part))
+
+    async def _poll(
+        self, consumer: AIOKafkaConsumer, wanted: frozenset[TopicPartition] | None
+    ) -> tuple[dict[TopicPartition, list[ConsumerRecord]], int]:
+        """Records, and the rebalance generation they were fetched in (read with no await
+        in between, so a rebalance cannot slip between the two)."""
+        records = await consumer.getmany(
+            *(wanted or ()),
+            timeout_ms=int(self._poll_timeout() * 1000) or 1,
+            max_records=self.settings.runner.max_events,
+        )
+        return records, self._generation
 
     def _drainable(self, consumer: AIOKafkaConsumer) -> frozenset[TopicPartition] | None:
         """The partitions to take records from: all (None) unless some are full.

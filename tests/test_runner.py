@@ -336,3 +336,88 @@ class TestHealthAndMetrics:
         assert 'auditpipe_sink_dead_lettered_total{sink="partitioned"} 0.0' in metrics
         assert "auditpipe_sink_lag{" in metrics
         assert "failing for" in unhealthy.json()["status"]
+
+
+class TestRebalanceRace:
+    """A poll drained records of a partition just before the coordinator began a rebalance,
+    and the revoke listener ran before the loop took them in (aiokafka allows this order).
+
+    A fake consumer stands in for aiokafka here: the race depends on where the coordinator's
+    task is scheduled relative to the loop, which a real broker cannot be made to hit on
+    demand. The runner under test is the real one."""
+
+    def test_records_fetched_before_a_rebalance_are_not_written_past_unwritten_ones(
+        self, settings: Settings
+    ) -> None:
+        from aiokafka.structs import ConsumerRecord, TopicPartition
+        from auditpipe.sinks.runner import _Rebalance
+
+        tp = TopicPartition("events", 0)
+        n = 10
+
+        def records(first: int) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+            return {tp: [
+                ConsumerRecord("events", 0, o, 0, 0, None,
+                               encode(new_event(request_id=f"r{o}")), None, 10, 100, [])
+                for o in range(first, first + n)
+            ]}  # fmt: skip
+
+        class SlowSink(Sink):
+            name = "slow"
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.release = asyncio.Event()
+                self.written: list[int] = []
+
+            async def write(self, batch: Batch) -> None:
+                await self.release.wait()  # the store is slow: 10..19 queue up behind 0..9
+                self.written += batch.offsets
+
+        class RacingConsumer:
+            def __init__(self, runner: SinkRunner) -> None:
+                self.runner = runner
+                self.polls = 0
+                self.commits: list[int] = []
+                self.revoking: asyncio.Future[None] | None = None
+
+            def assignment(self) -> set[TopicPartition]:
+                return {tp}
+
+            async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+                self.commits.append(offsets[tp])
+
+            def pause(self, *_: Any) -> None: ...
+            def resume(self, *_: Any) -> None: ...
+
+            async def getmany(self, *_: Any, timeout_ms: int, max_records: int) -> Any:
+                self.polls += 1
+                if self.polls <= 2:
+                    return records(0 if self.polls == 1 else n)
+                if self.polls == 3:  # drained; the rebalance begins in the same loop turn
+                    self.revoking = asyncio.ensure_future(
+                        _Rebalance(self.runner).on_partitions_revoked({tp})
+                    )
+                    return records(2 * n)
+                await asyncio.sleep(timeout_ms / 1000)
+                return {}
+
+        async def scenario() -> tuple[SlowSink, RacingConsumer]:
+            s = settings.model_copy(update={"runner": settings.runner.model_copy(
+                update={"max_events": n, "max_wait_secs": 5})})  # fmt: skip
+            sink = SlowSink()
+            runner = SinkRunner(sink, s)
+            consumer = RacingConsumer(runner)
+            loop = asyncio.create_task(runner._loop(consumer))  # type: ignore[arg-type]
+            await wait_for(lambda: consumer.polls >= 4, 10, "the poll after the rebalance")
+            sink.release.set()
+            await wait_for(lambda: bool(consumer.commits), 10, "a commit")
+            runner.stop()
+            await asyncio.wait_for(loop, 10)
+            return sink, consumer
+
+        sink, consumer = asyncio.run(scenario())
+        assert consumer.commits == sorted(consumer.commits), "a commit went backwards"
+        for offset in consumer.commits:
+            missing = set(range(offset)) - set(sink.written)
+            assert not missing, f"committed {offset} with {sorted(missing)} never written"
