@@ -131,11 +131,13 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         # Every outcome acknowledged by Kafka first, then the source records: Faust commits
         # only acked offsets, so nothing is committed before it went somewhere.
         await deliver(outcomes)
+        # The counts go out before the acks: Faust's commit flushes the producer first, so a
+        # committed batch's counts are on their topic (a crash before the commit recounts).
+        for dim_key, n in batch_counts(outcomes).items():
+            await counts_topic.send(key=dim_key, value=n)
         for event in batch:
             await stream.ack(event)
         stats.observe(outcomes)
-        for dim_key, n in batch_counts(outcomes).items():
-            await counts_topic.send(key=dim_key, value=n)
 
     @app.agent(raw, name="auditpipe.process")
     async def process(stream: faust.StreamT[bytes]) -> None:
@@ -150,7 +152,10 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         async def finish(
             batch: list[Any], processing: asyncio.Future[list[Outcome]], previous: Any
         ) -> None:
-            outcomes = await processing
+            try:
+                outcomes = await processing
+            except (KeyboardInterrupt, SystemExit) as exc:  # from a step process: not ours
+                raise RuntimeError(f"step process interrupted: {exc!r}") from exc
             if previous is not None:
                 await previous
             await deliver_and_ack(stream, batch, outcomes)
