@@ -169,7 +169,9 @@ class ProcessorSettings(StrictModel):
 
 class RunnerSettings(StrictModel):
     group_prefix: str = "auditpipe-sink-"
-    max_events: int = Field(500, ge=1)
+    max_events: int = Field(
+        1000, ge=1, description="a partition's batch is written once it holds this many records"
+    )
     max_wait_secs: float = Field(0.2, ge=0)
     session_timeout_secs: float = Field(10.0, gt=0)
     max_bytes: int = Field(

@@ -40,7 +40,7 @@ from auditpipe.sinks.runner import SinkRunner
 
 from auditpipe.broker import EmbeddedBroker
 from auditpipe.kafka import ensure_topics
-from auditpipe.settings import Settings, load_settings
+from auditpipe.settings import RunnerSettings, Settings, load_settings
 
 TARGETS = {"file": 50_000, "s3": 20_000, "postgres": 10_000}
 
@@ -201,7 +201,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sinks", default="file,s3,postgres")
     ap.add_argument("--events", type=int, default=20_000)
-    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=RunnerSettings().max_events)  # the default
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--pg-dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     ap.add_argument("--no-runner", action="store_true", help="skip the end-to-end runs")
