@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import IO
 
 import orjson
-from auditpipe.schemas import DecodeError, from_json, to_json
+from auditpipe.schemas import DecodeError, from_json, to_json_line
 
 from .steps import Step
 
@@ -58,7 +58,7 @@ def run_offline(
                     break
                 event = result
             else:
-                out.write(to_json(event) + b"\n")
+                out.write(to_json_line(event))
                 report.written += 1
                 continue
             report.dropped += 1

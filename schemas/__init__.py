@@ -12,6 +12,7 @@ from .codec import (
     new_event,
     schema_by_id,
     to_json,
+    to_json_line,
     validate,
 )
 from .ids import new_event_id, uuid7
@@ -29,6 +30,7 @@ __all__ = [
     "new_event_id",
     "schema_by_id",
     "to_json",
+    "to_json_line",
     "uuid7",
     "validate",
 ]

@@ -322,6 +322,11 @@ def to_json(event: Event) -> bytes:
     return orjson.dumps(event)
 
 
+def to_json_line(event: Event) -> bytes:
+    """:func:`to_json` and a newline (JSONL), in one allocation."""
+    return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
+
+
 def from_json(line: bytes | str) -> Event:
     """Parse one JSON-rendered event and validate it. Raises :class:`DecodeError`."""
     try:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Literal
 
 import orjson
-from auditpipe.schemas import Event, to_json
+from auditpipe.schemas import Event, to_json_line
 from pydantic import Field
 
 from auditpipe.settings import StrictModel
@@ -110,7 +110,7 @@ class FileSink(Sink):
             batch = fresh
         if not batch:
             return
-        data = b"".join(to_json(event) + b"\n" for event in batch)
+        data = b"".join(map(to_json_line, batch))
         await asyncio.to_thread(self._write_sync, data)
         if window:
             for event in batch:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import fastavro
 import orjson
-from auditpipe.schemas import Event, latest_schema_id, schema_by_id, to_json
+from auditpipe.schemas import Event, latest_schema_id, schema_by_id, to_json, to_json_line
 from pydantic import Field, SecretStr, model_validator
 
 from auditpipe.errors import ConfigError
@@ -193,7 +193,7 @@ class S3Sink(Sink):
             if self.config.format == "avro":
                 out.append((f"{stem}.avro", self._avro(events), "application/avro"))
             else:
-                body = b"".join(to_json(e) + b"\n" for e in events)
+                body = b"".join(map(to_json_line, events))
                 gz = gzip.compress(body, compresslevel=self.config.gzip_level, mtime=0)
                 out.append((f"{stem}.jsonl.gz", gz, "application/x-ndjson"))
         return out

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from auditpipe.schemas import Event, to_json
+from auditpipe.schemas import Event, to_json_line
 
 from auditpipe.settings import StrictModel
 
@@ -29,7 +29,7 @@ class StdoutSink(Sink):
 
     async def write(self, batch: Sequence[Event]) -> None:
         stream = self._stream or sys.stdout.buffer
-        data = b"".join(to_json(event) + b"\n" for event in batch)
+        data = b"".join(map(to_json_line, batch))
         try:
             stream.write(data)
             stream.flush()
