@@ -338,24 +338,33 @@ class AuditProducer:
         """Pop up to ``limit`` items and turn them into events (building lazy captures)."""
         buf, out = self._buf, []
         for _ in range(min(len(buf), limit)):
-            item = buf.popleft()
-            if not isinstance(item, dict):
-                try:
-                    built = item()
-                except Exception:
-                    self._stats.dropped["capture_error"] += 1
-                    log.debug("could not build audit event", exc_info=True)
-                    continue
-                self._pace()
-                if built is None:
-                    self._stats.skipped["not_stored"] += 1
-                    continue
-                item = built
-            out.append(item)
+            event = self._build(buf.popleft())
+            self._pace()
+            if event is not None:
+                out.append(event)
+        self._wake_blocked()
+        return out
+
+    def _build(self, item: Item) -> Event | None:
+        """The queued event, or the event of a lazy capture; None (counted) when building it
+        failed or it is not to be stored."""
+        if isinstance(item, dict):
+            return item
+        try:
+            built = item()
+        except Exception:
+            self._stats.dropped["capture_error"] += 1
+            log.debug("could not build audit event", exc_info=True)
+            return None
+        if built is None:
+            self._stats.skipped["not_stored"] += 1
+        return built
+
+    def _wake_blocked(self) -> None:
+        """Wake emit() calls waiting for space (``when_full = "block"``)."""
         if self._blocked:
             with self._space:
                 self._space.notify_all()
-        return out
 
     def _stamp_source(self, event: Event) -> None:
         source = self._source
@@ -403,41 +412,22 @@ class AuditProducer:
         did not pop stays queued, in order.
         """
         buf, values, keys = self._buf, [], []
-        stats = self._stats
-        schema_id = self._schema_id
         for _ in range(min(len(buf), limit)):
-            item = buf.popleft()
-            if not isinstance(item, dict):
-                try:
-                    built = item()
-                except Exception:
-                    stats.dropped["capture_error"] += 1
-                    log.debug("could not build audit event", exc_info=True)
-                    continue
-                if built is None:
-                    stats.skipped["not_stored"] += 1
-                    continue
-                item = built
-            self._stamp_source(item)
-            try:
-                value = encode(item, schema_id)
-            except EventValidationError as exc:
-                stats.dropped["invalid_event"] += 1
-                log.debug("dropping invalid event: %s", exc)
+            event = self._build(buf.popleft())
+            value = None if event is None else self._encode(event)
+            if event is None or value is None:
                 continue
             values.append(value)
-            event_id = item.get("event_id")
+            event_id = event.get("event_id")
             keys.append(event_id.encode() if isinstance(event_id, str) else None)
             if self._pace() and self._should_defer():
                 break
-        if self._blocked:
-            with self._space:
-                self._space.notify_all()
+        self._wake_blocked()
         return values, keys
 
     def _encode(self, event: Event) -> bytes | None:
+        """The event's Avro value (source stamped), or None (counted) when it does not fit."""
         self._stamp_source(event)
-        self._pace()
         try:
             return encode(event, self._schema_id)
         except EventValidationError as exc:
@@ -579,6 +569,7 @@ class AuditProducer:
         spool = self._spool
         assert spool is not None
         for event in events:
+            self._pace()
             value = self._encode(event)
             if value is not None:
                 self._spool_value(value)
