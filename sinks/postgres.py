@@ -229,6 +229,14 @@ def _envelope(event: Event) -> dict[str, Any]:
     return envelope
 
 
+def _first_jsonb(value: dict[str, Any], keys: tuple[str, ...]) -> bytes:
+    """The first of ``keys`` present in ``value``, as jsonb (COALESCE over ->): NULL if none."""
+    for key in keys:
+        if key in value:
+            return _jsonb(value[key])
+    return _NULL
+
+
 def _number(value: Any) -> bool:
     return type(value) is int or type(value) is float
 
@@ -252,11 +260,7 @@ def _copy_rows(events: Sequence[Event]) -> dict[str, bytes]:
             raw_request = _jsonb(inp)
             if isinstance(inp, dict):
                 parameters = _jsonb({k: v for k, v in inp.items() if k not in _INPUT_KEYS})
-                inputs = _NULL
-                for key in _INPUT_KEYS:
-                    if key in inp:
-                        inputs = _jsonb(inp[key])
-                        break
+                inputs = _first_jsonb(inp, _INPUT_KEYS)
             else:
                 parameters, inputs = _NULL, raw_request
         requests.append(
@@ -275,11 +279,7 @@ def _copy_rows(events: Sequence[Event]) -> dict[str, bytes]:
                 raise _Unusual
             if isinstance(out, dict):
                 version = _text(out.get("model"))
-                outputs = _NULL
-                for key in _OUTPUT_KEYS:
-                    if key in out:
-                        outputs = _jsonb(out[key])
-                        break
+                outputs = _first_jsonb(out, _OUTPUT_KEYS)
             else:
                 version, outputs = _NULL, raw_response
             params = {k: v for k in _RESPONSE_PARAMETERS if (v := event.get(k)) is not None}
