@@ -104,7 +104,6 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         app.topic(
             name, value_type=bytes, key_type=bytes, key_serializer="raw", value_serializer="raw"
         )
-    steps = chain_for(settings.pipeline)
 
     async def deliver(outcomes: list[Outcome]) -> None:
         pending = [o for o in outcomes if o.kind != "drop"]
@@ -150,7 +149,9 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         inflight: deque[asyncio.Future[None]] = deque()
 
         async def finish(
-            batch: list[Any], processing: asyncio.Future[list[Outcome]], previous: Any
+            batch: list[Any],
+            processing: asyncio.Future[list[Outcome]],
+            previous: asyncio.Future[None] | None,
         ) -> None:
             try:
                 outcomes = await processing
@@ -257,20 +258,19 @@ def _process_in_step_process(records: list[Record]) -> list[Outcome]:
     return process_batch(records, _STEPS)
 
 
-def _exit_unacked() -> None:
+def _exit_unacked(exc: BaseException | None = None) -> None:
     # Unacked records are redelivered to the next worker; dying is what keeps them so (a dead
     # agent in a live-looking worker would hold its partitions forever).
-    log.critical("processor agent failed; exiting so the batch is redelivered", exc_info=True)
+    log.critical(
+        "processor agent failed; exiting so the batch is redelivered", exc_info=exc or True
+    )
     logging.shutdown()
     os._exit(70)
 
 
 def _exit_if_failed(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        try:
-            raise task.exception()  # type: ignore[misc]
-        except BaseException:
-            _exit_unacked()
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        _exit_unacked(exc)
 
 
 class WorkerStats:
