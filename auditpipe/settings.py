@@ -130,6 +130,11 @@ class ProducerSettings(StrictModel):
     max_in_flight_events: int = Field(
         20_000, ge=1, description="sent but unacknowledged events before new ones spool"
     )
+    redact: bool = Field(
+        False,
+        description="run the redact step ([pipeline.redact] settings) in the sender thread, so"
+        " nothing unredacted leaves the process: stdout lines, spool segments and the raw topic",
+    )
 
     @field_validator("capture_paths", "header_allowlist", mode="before")
     @classmethod

@@ -16,24 +16,14 @@ from typing import Any
 import orjson
 from auditpipe.schemas import Event, new_event, new_event_id
 
+from auditpipe.redaction import CREDENTIAL_HEADERS
 from auditpipe.settings import ProducerSettings
 
 from . import _stream
 
-#: Request headers that are never recorded, whatever ``header_allowlist`` says.
-NEVER_RECORDED = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "x-api-key",
-        "api-key",
-        "x-auth-token",
-        "x-amz-security-token",
-        "x-goog-api-key",
-    }
-)
+#: Request headers that are never recorded, whatever ``header_allowlist`` says (the redact
+#: step removes the same names wherever they appear in a record).
+NEVER_RECORDED = CREDENTIAL_HEADERS
 
 #: OpenAI's limits on ``metadata``.
 METADATA_MAX_PAIRS = 16

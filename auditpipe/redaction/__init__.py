@@ -14,13 +14,29 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .detectors import BUILTIN, BUILTIN_NAMES, CREDENTIAL_HEADERS, Detector, find_all
+    from .detectors import BUILTIN, BUILTIN_NAMES, Detector, find_all
     from .step import RedactConfig, RedactStep
+
+#: Headers that carry credentials: never recorded at capture (whatever the allowlist says),
+#: and removed by the redact step wherever a record has them (header maps, request bodies
+#: that carry headers, ``[name, value]`` pairs, text). ``credential_headers`` adds to them.
+CREDENTIAL_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+        "x-amz-security-token",
+        "x-goog-api-key",
+    }
+)
 
 _WHERE = {
     "BUILTIN": "detectors",
     "BUILTIN_NAMES": "detectors",
-    "CREDENTIAL_HEADERS": "detectors",
     "Detector": "detectors",
     "find_all": "detectors",
     "RedactConfig": "step",

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from . import CREDENTIAL_HEADERS
+
 Validator = Callable[[str], bool]
 Match = tuple[int, int, str, "Detector"]
 
@@ -449,21 +451,6 @@ class AssignmentDetector(Detector):
             yield pos, pos + len(value), value
 
 
-#: Headers that carry credentials: never recorded at capture, removed by the redact step
-#: wherever a record has them (header maps, request bodies that carry headers, text).
-CREDENTIAL_HEADERS = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "x-api-key",
-        "api-key",
-        "x-auth-token",
-        "x-amz-security-token",
-        "x-goog-api-key",
-    }
-)
 _COOKIE_ATTRIBUTES = frozenset(
     {"expires", "max-age", "domain", "path", "secure", "httponly", "samesite", "priority",
      "partitioned"}
