@@ -57,6 +57,8 @@ DEFAULT_CAPTURE_PATHS = (
     "/v1/responses",
     "/v2/models/{name}/infer",
     "/v2/models/{name}/versions/{version}/infer",
+    "/v2/models/{name}/generate",
+    "/v2/models/{name}/versions/{version}/generate",
 )
 DEFAULT_HEADER_ALLOWLIST = (
     "user-agent",
@@ -66,6 +68,8 @@ DEFAULT_HEADER_ALLOWLIST = (
     "tracestate",
     "openai-organization",
     "openai-project",
+    "x-tenant-id",  # the enrich step's default tenant and user sources
+    "x-user-id",
 )
 
 

@@ -355,3 +355,17 @@ class TestGrownCorpus:
         print(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
         assert report.misses() == []
         assert report.recall == 1.0 and report.precision == 1.0
+
+
+def test_user_tenant_and_error_messages_are_scanned() -> None:
+    """enrich may set user/tenant from a header; providers echo input in error messages."""
+    out = redact_record(
+        user="ann@example.com",
+        tenant="acme",
+        error={"type": "invalid_request_error", "message": "bad card 4111111111111111"},
+    )
+    assert out["user"] == "[REDACTED:EMAIL]" and out["tenant"] == "acme"
+    assert out["error"] == {
+        "type": "invalid_request_error",
+        "message": "bad card [REDACTED:CREDIT_CARD]",
+    }

@@ -1,8 +1,9 @@
 """redact: remove personal data and secrets from everything people will read.
 
 Scans every string in ``input`` and ``output`` (recursively), ``metadata`` values and
-``headers`` values with the detectors (``detectors.py``) plus custom regexes, and applies field
-rules by JSON path first. Actions:
+``headers`` values, the caller's ``user`` and ``tenant`` and the ``error`` message with the
+detectors (``detectors.py``) plus custom regexes, and applies field rules by JSON path first.
+Actions:
 
 - ``mask``: ``[REDACTED:EMAIL]``
 - ``hash``: ``[EMAIL:1f0c9a...]``, HMAC-SHA256 with ``hash_key``: a stable pseudonym per value
@@ -217,6 +218,15 @@ class RedactStep(ProcessorStep):
         out["headers"] = self._scan(
             out.get("headers") or {}, ("headers",), counts, skip, cfg.scan_headers
         )
+        for key in ("user", "tenant"):  # enrich may have taken them from a header
+            value = out.get(key)
+            if isinstance(value, str) and value:
+                out[key] = self._redact_text(value, counts)
+        error = out.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = self._redact_text(error["message"], counts)  # providers echo input
+            if message is not error["message"]:
+                out["error"] = {**error, "message": message}
         outcome = "redacted" if counts else "clean"
         return record_step(
             out, self.name, self.version, outcome, counts, policy_version=self.policy_version
