@@ -140,8 +140,8 @@ class TestWrite:
         evs[13].update(endpoint="/v2/models/iris/infer", input=oip_in, output=oip_out)
         evs[14].update(endpoint="/v2/models/iris/versions/7/infer", input={"inputs": []},
                        output={"model_name": "iris", "outputs": []})  # fmt: skip
-        evs[15].update(endpoint="/v2/models/g/generate", input={"text_input": "hi"},
-                       output={"model_name": None, "text_output": "HI", "parameters": [1]})  # fmt: skip
+        gen_out = {"model_name": None, "text_output": "HI", "parameters": [1]}
+        evs[15].update(endpoint="/v2/models/g/generate", input={"text_input": "hi"}, output=gen_out)
         evs[16].update(input={"inputs": None, "parameters": None},
                        output={"model_version": None, "model": "m-x"})  # fmt: skip
         evs[17].update(endpoint="/v2/models/m/versions/2/infer", output=["a"], usage=None)
