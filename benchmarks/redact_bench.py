@@ -93,8 +93,8 @@ def per_event_us(fn: Callable[[Any], Any], event: dict[str, Any], n: int) -> flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="main", help="git ref of the 'before' step")
-    parser.add_argument("--events", type=int, default=2000, help="redactions per round")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--events", type=int, default=500, help="redactions per round")
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
 
     from auditpipe.redaction.step import RedactStep

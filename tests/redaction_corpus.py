@@ -669,19 +669,22 @@ def _survives(secret: str, output_json: str) -> bool:
     return secret in output_json or _escaped(secret) in output_json
 
 
-def redact_like_the_cli(records: Sequence[dict[str, Any]], pipeline: Any = None) -> list[bytes]:
+def redact_like_the_cli(
+    records: Sequence[dict[str, Any]], pipeline: Any = None, chain: Sequence[Any] | None = None
+) -> list[bytes]:
     """The records through the configured chain exactly as `auditpipe redact` runs it (one
-    JSONL line in, one out); ``pipeline`` is the ``[pipeline]`` table (None: the defaults)."""
+    JSONL line in, one out); ``pipeline`` is the ``[pipeline]`` table (None: the defaults),
+    ``chain`` a chain of steps to run instead."""
     import io
 
     import orjson
     from auditpipe.processors import chain_for
     from auditpipe.processors.offline import run_offline
 
-    chain = chain_for(pipeline)
+    steps = list(chain) if chain is not None else chain_for(pipeline)
     src = [orjson.dumps(r) + b"\n" for r in records]
     out, rejects = io.BytesIO(), io.BytesIO()
-    report = run_offline(chain, src, out, rejects, progress=None)
+    report = run_offline(steps, src, out, rejects, progress=None)
     if report.rejected or report.written != len(records):
         raise AssertionError(f"corpus records rejected: {rejects.getvalue()[:2000]!r}")
     return out.getvalue().splitlines()
