@@ -78,9 +78,8 @@ def record_step(
         "action": action,
         "ts_ms": time.time_ns() // 1_000_000,
         "counts": dict(counts or {}),
+        "policy_version": policy_version,  # always there, as decoding fills it in
     }
-    if policy_version is not None:
-        entry["policy_version"] = policy_version
     return {**event, "processing": [*event.get("processing", []), entry]}
 
 
