@@ -24,12 +24,12 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Mapping
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from pydantic import Field
 
 from auditpipe.errors import ConfigError
+from auditpipe.plugins import available, load_entry_point
 from auditpipe.schemas import Event
 from auditpipe.settings import StrictModel, validate_model
 
@@ -91,30 +91,20 @@ class PipelineConfig(StrictModel):
 
 
 def available_steps() -> dict[str, str]:
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return available(ENTRY_POINT_GROUP)
 
 
 def load_step_class(name: str, key: str = "pipeline.steps") -> type[ProcessorStep]:
     """A step by entry point name, or by import path ``package.module:Class``. ``key`` names
     the setting the name came from in errors."""
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"{key}: cannot import {name!r}: {exc}") from None
-    else:
-        matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-        if not matches:
-            names = ", ".join(sorted(available_steps())) or "none"
-            raise ConfigError(f"{key}: unknown step {name!r}; installed steps: {names}")
-        try:
-            cls = matches[0].load()
-        except ImportError as exc:
-            raise ConfigError(
-                f"{key}: step {name!r} cannot be loaded ({exc}); install the extra that "
-                "provides it (pip install 'auditpipe[processors]')"
-            ) from None
+    if ":" not in name:
+        install = "install the extra that provides it (pip install 'auditpipe[processors]')"
+        return load_entry_point(ENTRY_POINT_GROUP, name, ProcessorStep, "step", install, key)
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{key}: cannot import {name!r}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, ProcessorStep)):
         raise ConfigError(f"{key}: {name!r} is not an auditpipe.processors step class")
     return cls

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from auditpipe.schemas import Event
 
 from auditpipe.errors import AuditpipeError, ConfigError
+from auditpipe.plugins import available, load_entry_point
 from auditpipe.settings import StrictModel, validate_model
 from auditpipe.steps import Step, available_steps, build_chain, load_step_class
 
@@ -146,24 +146,12 @@ class Sink(ABC):
 
 def available_sinks() -> dict[str, str]:
     """Installed sink names mapped to their ``module:Class`` (without importing them)."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return available(ENTRY_POINT_GROUP)
 
 
 def load_sink_class(name: str) -> type[Sink]:
-    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-    if not matches:
-        names = ", ".join(sorted(available_sinks())) or "none"
-        raise ConfigError(f"unknown sink {name!r}; installed sinks: {names}")
-    try:
-        cls = matches[0].load()
-    except ImportError as exc:
-        raise ConfigError(
-            f"sink {name!r} cannot be loaded ({exc}); install its extra: "
-            f"pip install 'auditpipe[{name}]'"
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, Sink)):
-        raise ConfigError(f"entry point {name!r} is not an auditpipe.sinks.Sink subclass")
-    return cls
+    install = f"install its extra: pip install 'auditpipe[{name}]'"
+    return load_entry_point(ENTRY_POINT_GROUP, name, Sink, "sink", install)
 
 
 def create_sink(name: str, sink_settings: Mapping[str, Mapping[str, Any]], origin: str) -> Sink:
