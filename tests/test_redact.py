@@ -369,3 +369,21 @@ def test_user_tenant_and_error_messages_are_scanned() -> None:
         "type": "invalid_request_error",
         "message": "bad card [REDACTED:CREDIT_CARD]",
     }
+
+
+def test_redacting_a_redacted_record_changes_nothing() -> None:
+    """The producer's redact step and then the processors' (or a sink's): the second pass
+    finds nothing in markers and counts nothing, over every positive of the grown corpus."""
+    import orjson
+    from auditpipe.schemas import from_json
+
+    from .redaction_corpus import positive_cases
+
+    step = RedactStep()
+    changed = []
+    for case in positive_cases():
+        once = step(from_json(orjson.dumps(case.record)))
+        twice = step(once)
+        if twice["processing"][-1]["counts"] or twice["input"] != once["input"]:
+            changed.append((case.kind, case.context, twice["processing"][-1]["counts"]))
+    assert changed == []

@@ -385,7 +385,8 @@ PASSWORD_KEY = (
     rf"(?:[A-Za-z0-9]{{1,20}}[_.-]){{0,3}}(?:{_PASSWORD_WORDS})(?:[_-]?(?:key|token|value|hash))?"
 )
 _PASSWORD_ANCHORS = ("pass", "pwd", "secret", "key", "token", "pin")
-_MARKER = re.compile(r"\[(?:REDACTED|TRUNCATED|[A-Z][A-Z0-9_]{0,40}):[^\]]{0,64}\]")
+#: What a redaction put in place of a value (mask, hash or truncate): never a secret itself.
+MARKER = re.compile(r"\[(?:REDACTED|TRUNCATED|[A-Z][A-Z0-9_]{0,40}):[^\]]{0,64}\]")
 _NOT_SECRETS = frozenset(
     {"null", "none", "true", "false", "undefined", "required", "optional", "string", "***",
      "****", "*****", "********", "xxx", "xxxx", "<redacted>", "redacted", "hidden", "secret",
@@ -394,7 +395,8 @@ _NOT_SECRETS = frozenset(
 
 
 def _secret_value(value: str) -> bool:
-    return value.lower() not in _NOT_SECRETS and _MARKER.fullmatch(value) is None
+    # a value that starts with a marker was redacted before (by the producer, say)
+    return value.lower() not in _NOT_SECRETS and MARKER.match(value) is None
 
 
 def _prose_password_ok(value: str) -> bool:
@@ -459,6 +461,7 @@ _COOKIE_PAIR = re.compile(
     r"\s{0,3}([!#$%&'*+.^_`|~0-9A-Za-z-]{1,128})=(\"?)([^;\s\"\\,]{1,4096})\2"
 )
 _COOKIE_NEXT = re.compile(r"\s{0,3};")
+_COOKIE_BARE = re.compile(r"\s{0,3}([^;\s\"\\,=]{6,4096})(?![^;\s\"\\,])")
 _AUTH_VALUE = re.compile(
     r"(?:(?:basic|bearer|digest|token|apikey|api-key|negotiate|ntlm|hmac|aws4-hmac-sha256)"
     r"\s{1,3})?([^\s\"'\\,;]{4,4096})",
@@ -485,6 +488,11 @@ class HeaderDetector(Detector):
             name = m.group("name").lower().replace("_", "-")
             pos = m.end()
             if name in ("cookie", "set-cookie"):
+                if _COOKIE_PAIR.match(text, pos) is None:  # a bare value, no name=
+                    bare = _COOKIE_BARE.match(text, pos)
+                    if bare is not None and credential_value_ok(bare.group(1)):
+                        yield bare.start(1), bare.end(1), bare.group(1)
+                    continue
                 while True:
                     pair = _COOKIE_PAIR.match(text, pos)
                     if pair is None:

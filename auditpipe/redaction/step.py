@@ -54,6 +54,7 @@ from .detectors import (
     BUILTIN,
     BUILTIN_NAMES,
     CREDENTIAL_HEADERS,
+    MARKER,
     PASSWORD_KEY,
     Detector,
     Gate,
@@ -319,6 +320,8 @@ class RedactStep(ProcessorStep):
     def _replace_all(self, value: Any, label: str, counts: Counter[str]) -> Any:
         """``value`` (every string and number in it) replaced under ``label``."""
         if value is None or isinstance(value, bool) or value == "":
+            return value
+        if isinstance(value, str) and MARKER.fullmatch(value):  # redacted before (the producer)
             return value
         if isinstance(value, dict):
             return {k: self._replace_all(v, label, counts) for k, v in value.items()}
