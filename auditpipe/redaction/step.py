@@ -151,7 +151,7 @@ _PASSWORD_KEY = re.compile(PASSWORD_KEY, re.IGNORECASE)
 
 class RedactStep(ProcessorStep):
     name = "redact"
-    version = "2"
+    version = "2"  # bumped whenever built-in detection changes (part of the policy version)
     Config = RedactConfig
 
     def __init__(self, config: StrictModel | None = None) -> None:
