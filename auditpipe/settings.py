@@ -57,6 +57,8 @@ DEFAULT_CAPTURE_PATHS = (
     "/v1/responses",
     "/v2/models/{name}/infer",
     "/v2/models/{name}/versions/{version}/infer",
+    "/v2/models/{name}/generate",
+    "/v2/models/{name}/versions/{version}/generate",
 )
 DEFAULT_HEADER_ALLOWLIST = (
     "user-agent",
@@ -66,6 +68,8 @@ DEFAULT_HEADER_ALLOWLIST = (
     "tracestate",
     "openai-organization",
     "openai-project",
+    "x-tenant-id",  # the enrich step's default tenant and user sources
+    "x-user-id",
 )
 
 
@@ -129,6 +133,11 @@ class ProducerSettings(StrictModel):
     )
     max_in_flight_events: int = Field(
         20_000, ge=1, description="sent but unacknowledged events before new ones spool"
+    )
+    redact: bool = Field(
+        False,
+        description="run the redact step ([pipeline.redact] settings) in the sender thread, so"
+        " nothing unredacted leaves the process: stdout lines, spool segments and the raw topic",
     )
 
     @field_validator("capture_paths", "header_allowlist", mode="before")

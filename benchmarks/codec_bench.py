@@ -72,6 +72,7 @@ def sample_event(target_bytes: int = 2048) -> dict[str, Any]:
                 "action": "validated",
                 "ts_ms": 1757115457130,
                 "counts": {},
+                "policy_version": None,
             }
         ],
     )

@@ -16,24 +16,14 @@ from typing import Any
 import orjson
 from auditpipe.schemas import Event, new_event, new_event_id
 
+from auditpipe.redaction import CREDENTIAL_HEADERS
 from auditpipe.settings import ProducerSettings
 
 from . import _stream
 
-#: Request headers that are never recorded, whatever ``header_allowlist`` says.
-NEVER_RECORDED = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "x-api-key",
-        "api-key",
-        "x-auth-token",
-        "x-amz-security-token",
-        "x-goog-api-key",
-    }
-)
+#: Request headers that are never recorded, whatever ``header_allowlist`` says (the redact
+#: step removes the same names wherever they appear in a record).
+NEVER_RECORDED = CREDENTIAL_HEADERS
 
 #: OpenAI's limits on ``metadata``.
 METADATA_MAX_PAIRS = 16
@@ -201,9 +191,9 @@ class Exchange:
     __slots__ = (
         "allowlist", "cfg", "chunks", "collect_truncated", "endpoint", "exc", "extra_chunks",
         "forced", "headers", "incomplete", "latency_ms", "metadata", "method", "model_hint",
-        "request", "request_bytes", "request_id", "response", "response_bytes",
-        "response_is_json", "response_is_sse", "span_id", "status", "streamed", "trace_id",
-        "traceparent", "ts_ms", "ttft_ms",
+        "provider", "provider_request_id", "request", "request_bytes", "request_id", "response",
+        "response_bytes", "response_is_json", "response_is_sse", "span_id", "status",
+        "store_header", "streamed", "trace_id", "traceparent", "ts_ms", "ttft_ms",
     )  # fmt: skip
 
     def __init__(self, endpoint: str, method: str = "POST", ts_ms: int = 0) -> None:
@@ -233,6 +223,9 @@ class Exchange:
         self.model_hint: str | None = None
         self.metadata: Any = None
         self.forced = False  # header x-auditpipe-store, or an explicit library capture
+        self.store_header = False  # the request said x-auditpipe-store: true
+        self.provider: str | None = None  # who answered (the openai client wrapper)
+        self.provider_request_id: str | None = None
         self.cfg: ProducerSettings | None = None  # set when the exchange is emitted as is
         self.allowlist: frozenset[str] = frozenset()
 
@@ -279,6 +272,9 @@ def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Even
     )
     if not (cfg.capture == "all" or x.forced or store_body):
         return None
+    # ``store`` says what the request asked (its body or the x-auditpipe-store header), not
+    # why it was captured: with capture = "all" or an explicit capture it may be false
+    asked = store_body or x.store_header
     output = x.response
     chunk_count = None
     if x.chunks is not None or x.response_is_sse:
@@ -314,7 +310,7 @@ def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Even
         method=x.method,
         status_code=status,
         model=model,
-        store=True,
+        store=asked,
         stream=x.streamed or x.response_is_sse,
         metadata=kept,
         metadata_dropped=meta_dropped,
@@ -330,4 +326,6 @@ def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Even
         span_id=x.span_id,
         incomplete=x.incomplete,
         chunk_count=chunk_count,
+        provider=x.provider,
+        provider_request_id=x.provider_request_id,
     )

@@ -110,7 +110,7 @@ class AuditMiddleware:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
             elif name == b"x-auditpipe-store":
-                x.forced = value.strip().lower() in _STORE_TRUE
+                x.forced = x.store_header = value.strip().lower() in _STORE_TRUE
             elif name == b"traceparent":
                 x.traceparent = value.decode("latin-1")
         x.headers = raw_headers  # filtered and decoded on the sender thread

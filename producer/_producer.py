@@ -22,6 +22,12 @@ written to stdout), ``skipped`` (a lazy capture that turned out not to be stored
 (by reason), the spool (``spool_pending``), the queue or in flight. ``spooled`` and
 ``replayed`` count the spool's traffic.
 
+Redaction (``producer.redact = true``): the redact step, configured by ``[pipeline.redact]``
+(the processors' policy), runs on every event in the sender thread, never on the request
+path, before the event is written to stdout, to the spool or to Kafka. An event it fails on is
+dropped and counted (``redact_failed``): it never leaves the process unredacted. What was
+spooled before redaction was turned on is replayed as it was written.
+
 Overflow (``producer.when_full``):
 
 - ``spool`` (default): when Kafka is unreachable, a send waits longer than ``spill_after_ms``,
@@ -144,6 +150,7 @@ class AuditProducer:
             else None
         )
         self._schema_id = latest_schema_id()
+        self._redact = self._redact_step() if self.enabled and cfg.redact else None
         self._seq = 0
         self._generation = 0
         self._spool: Spool | None = None
@@ -157,6 +164,13 @@ class AuditProducer:
         self._lock = threading.Lock()
         self._space = threading.Condition()
         self._blocked = 0
+
+    def _redact_step(self) -> Callable[[Event], Event | None]:
+        """The redact step of ``[pipeline.redact]`` (invalid settings raise ConfigError)."""
+        from auditpipe.steps import build_step
+
+        table = self.settings.pipeline.get("redact")
+        return build_step("redact", table if isinstance(table, dict) else None, "settings")
 
     # -- request path --------------------------------------------------------------------------
 
@@ -346,18 +360,28 @@ class AuditProducer:
         return out
 
     def _build(self, item: Item) -> Event | None:
-        """The queued event, or the event of a lazy capture; None (counted) when building it
-        failed or it is not to be stored."""
+        """The queued event, or the event of a lazy capture, redacted when ``redact`` is on;
+        None (counted) when building or redacting it failed or it is not to be stored."""
         if isinstance(item, dict):
-            return item
-        try:
-            built = item()
-        except Exception:
-            self._stats.dropped["capture_error"] += 1
-            log.debug("could not build audit event", exc_info=True)
-            return None
-        if built is None:
-            self._stats.skipped["not_stored"] += 1
+            built: Event | None = item
+        else:
+            try:
+                built = item()
+            except Exception:
+                self._stats.dropped["capture_error"] += 1
+                log.debug("could not build audit event", exc_info=True)
+                return None
+            if built is None:
+                self._stats.skipped["not_stored"] += 1
+                return None
+        if self._redact is not None and built is not None:
+            try:
+                built = self._redact(built)
+            except Exception:  # fail closed: an event that could not be redacted never leaves
+                built = None
+                log.debug("could not redact audit event", exc_info=True)
+            if built is None:
+                self._stats.dropped["redact_failed"] += 1
         return built
 
     def _wake_blocked(self) -> None:

@@ -19,19 +19,28 @@ redelivered batch overwrites the same object). Sinks must also accept a plain se
 
 Sinks are found through the ``auditpipe.sinks`` entry point group, so a third-party package
 adds one by declaring ``[project.entry-points."auditpipe.sinks"] NAME = "pkg.mod:Class"``.
+
+Steps of a sink's own: ``[sinks.NAME] steps = ["redact"]`` (with ``[sinks.NAME.redact]``, the
+same keys as ``[pipeline.redact]``) runs those steps on every event before this sink writes
+it, so a store many people read can hold less than the restricted archive. The plumbing, not
+each sink, handles them: :meth:`Sink.from_mapping` takes ``steps`` and the step tables out of
+the sink's table and builds the chain (validated at start-up, errors name
+``sinks.NAME.<step>.<key>``) through the shared step registry (:mod:`auditpipe.steps`), and
+the runner applies it: an event a step fails on is dead-lettered, never written as it was.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from auditpipe.schemas import Event
 
 from auditpipe.errors import AuditpipeError, ConfigError
+from auditpipe.plugins import available, load_entry_point
 from auditpipe.settings import StrictModel, validate_model
+from auditpipe.steps import Step, available_steps, build_chain, load_step_class
 
 ENTRY_POINT_GROUP = "auditpipe.sinks"
 
@@ -86,11 +95,43 @@ class Sink(ABC):
 
     def __init__(self, config: StrictModel | None = None) -> None:
         self.config = config if config is not None else self.Config()
+        #: Steps run on every event before it is written (``[sinks.NAME] steps``; the runner
+        #: applies them).
+        self.steps: tuple[Step, ...] = ()
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None, origin: str = "settings") -> Sink:
-        config = validate_model(cls.Config, dict(data or {}), origin, prefix=f"sinks.{cls.name}")
-        return cls(config)
+        """The sink configured by its ``[sinks.NAME]`` table, ``steps`` and their tables
+        included (see the module docstring)."""
+        data = dict(data or {})
+        prefix = f"sinks.{cls.name}"
+        chain = None
+        if "steps" in data:
+            names = data["steps"]
+            table: dict[str, Any] = {"steps": data.pop("steps")}
+            for name in names if isinstance(names, list) else ():
+                if not isinstance(name, str):
+                    continue
+                keys = {name, getattr(load_step_class(name, f"{prefix}.steps"), "name", name)}
+                for key in keys:
+                    if isinstance(data.get(key), Mapping) and key not in cls.Config.model_fields:
+                        table[key] = data.pop(key)
+            chain = build_chain(table, origin, prefix=prefix, default=())
+        for key, value in data.items():
+            if (
+                isinstance(value, Mapping)
+                and key not in cls.Config.model_fields
+                and (key in available_steps() or ":" in key)
+            ):
+                raise ConfigError(
+                    f"{origin}: [{prefix}.{key}] configures a step but {prefix}.steps does not "
+                    f"list it; add it to steps = [...] in [{prefix}] or remove the table"
+                )
+        config = validate_model(cls.Config, data, origin, prefix=prefix)
+        sink = cls(config)
+        if chain:
+            sink.steps = tuple(chain)
+        return sink
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections. Default: nothing to do."""
@@ -105,24 +146,12 @@ class Sink(ABC):
 
 def available_sinks() -> dict[str, str]:
     """Installed sink names mapped to their ``module:Class`` (without importing them)."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return available(ENTRY_POINT_GROUP)
 
 
 def load_sink_class(name: str) -> type[Sink]:
-    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-    if not matches:
-        names = ", ".join(sorted(available_sinks())) or "none"
-        raise ConfigError(f"unknown sink {name!r}; installed sinks: {names}")
-    try:
-        cls = matches[0].load()
-    except ImportError as exc:
-        raise ConfigError(
-            f"sink {name!r} cannot be loaded ({exc}); install its extra: "
-            f"pip install 'auditpipe[{name}]'"
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, Sink)):
-        raise ConfigError(f"entry point {name!r} is not an auditpipe.sinks.Sink subclass")
-    return cls
+    install = f"install its extra: pip install 'auditpipe[{name}]'"
+    return load_entry_point(ENTRY_POINT_GROUP, name, Sink, "sink", install)
 
 
 def create_sink(name: str, sink_settings: Mapping[str, Mapping[str, Any]], origin: str) -> Sink:

@@ -4,6 +4,7 @@
   been failing longer than ``runner.unhealthy_after_secs``; 503 otherwise.
 - ``GET /metrics``: Prometheus text. Counters ``auditpipe_sink_received_total``,
   ``..._written_total``, ``..._retried_total``, ``..._dead_lettered_total``,
+  ``..._dropped_total`` (by the sink's own steps),
   ``..._errors_total{error}``; gauges ``auditpipe_sink_lag{partition}`` and
   ``auditpipe_sink_paused_partitions``. Every series carries ``sink``.
 
@@ -42,6 +43,7 @@ def _registry(runner: SinkRunner) -> Any:
                 ("written", s.written, "events durably written by the sink"),
                 ("retried", s.retried, "failed write attempts that will be retried"),
                 ("dead_lettered", s.dead_lettered, "records sent to the DLQ"),
+                ("dropped", s.dropped, "events the sink's own steps dropped"),
             ):
                 c = CounterMetricFamily(f"auditpipe_sink_{metric}", doc, labels=["sink"])
                 c.add_metric([name], value)

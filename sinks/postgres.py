@@ -11,7 +11,14 @@ Tables, in ``schema_name`` (created by ``auditpipe sink postgres --migrate``, or
     metadata  (id PK -> requests, metadata JSONB)     -- the rest of the event, losslessly
 
 ``parameters`` of a request are its input without the messages/prompt; ``inputs`` the
-messages (or prompt); ``raw_request``/``raw_response`` the input/output as captured.
+messages (or prompt); ``raw_request``/``raw_response`` the input/output as captured. An Open
+Inference Protocol v2 request (its input has ``inputs``, or ``text_input`` for ``generate``)
+maps as the protocol names it: ``parameters``, ``inputs`` and the requested ``outputs`` into
+the columns of those names. Responses: ``model_name`` is the OIP response's ``model_name``,
+else the event's model; ``model_version`` the OIP ``model_version`` (else an OpenAI response's
+``model``, else the ``/versions/{version}`` segment of the endpoint); ``outputs`` the choices /
+output / OIP ``outputs`` / ``text_output``; ``parameters`` the response's own ``parameters``
+(OIP) with status, stream, latencies and usage.
 ``metadata.metadata`` holds every other event field (ids, trace, usage, caller metadata,
 processing steps...), so the event can be rebuilt from the four tables.
 
@@ -33,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -123,27 +131,39 @@ END $$;
 def _load_sql(schema: str) -> list[str]:
     s = f'"{schema}"'
     inp, out = "inp", "out"
+    oip = f"(jsonb_typeof({inp}) = 'object' AND ({inp} ? 'inputs' OR {inp} ? 'text_input'))"
+    obj_out = f"jsonb_typeof({out}) = 'object'"
     return [
         f"""INSERT INTO {s}.requests
-            (id, "timestamp", request_id, endpoint, model, parameters, inputs, raw_request)
+            (id, "timestamp", request_id, endpoint, model, parameters, inputs, outputs,
+             raw_request)
         SELECT id, to_timestamp(ts_ms / 1000.0), ev->>'request_id', ev->>'endpoint', ev->>'model',
-            CASE WHEN jsonb_typeof({inp}) = 'object'
+            CASE WHEN {oip} THEN {inp}->'parameters'
+                 WHEN jsonb_typeof({inp}) = 'object'
                  THEN {inp} - 'messages' - 'prompt' - 'input' END,
-            CASE WHEN jsonb_typeof({inp}) = 'object'
+            CASE WHEN {oip} THEN COALESCE({inp}->'inputs', {inp}->'text_input')
+                 WHEN jsonb_typeof({inp}) = 'object'
                  THEN COALESCE({inp}->'messages', {inp}->'prompt', {inp}->'input')
                  ELSE {inp} END,
+            CASE WHEN {oip} THEN {inp}->'outputs' END,
             {inp}
         FROM auditpipe_stage ON CONFLICT (id) DO NOTHING""",
         f"""INSERT INTO {s}.responses
             (id, model_name, model_version, "timestamp", parameters, outputs, raw_response)
-        SELECT id, ev->>'model',
-            CASE WHEN jsonb_typeof({out}) = 'object' THEN {out}->>'model' END,
+        SELECT id,
+            COALESCE(CASE WHEN {obj_out} THEN {out}->>'model_name' END, ev->>'model'),
+            COALESCE(CASE WHEN {obj_out} THEN COALESCE({out}->>'model_version', {out}->>'model')
+                          END,
+                     substring(ev->>'endpoint' from '/versions/([^/]+)/')),
             to_timestamp((ts_ms + COALESCE((ev->>'latency_ms')::float8, 0)) / 1000.0),
-            jsonb_strip_nulls(jsonb_build_object(
+            CASE WHEN {obj_out} AND jsonb_typeof({out}->'parameters') = 'object'
+                 THEN {out}->'parameters' ELSE '{{}}'::jsonb END
+            || jsonb_strip_nulls(jsonb_build_object(
                 'status_code', ev->'status_code', 'stream', ev->'stream',
                 'latency_ms', ev->'latency_ms', 'ttft_ms', ev->'ttft_ms', 'usage', ev->'usage')),
-            CASE WHEN jsonb_typeof({out}) = 'object'
-                 THEN COALESCE({out}->'choices', {out}->'output', {out}->'outputs')
+            CASE WHEN {obj_out}
+                 THEN COALESCE({out}->'choices', {out}->'output', {out}->'outputs',
+                               {out}->'text_output')
                  ELSE {out} END,
             {out}
         FROM auditpipe_stage
@@ -172,7 +192,9 @@ def _load_sql(schema: str) -> list[str]:
 # (1) followed by the JSON text, timestamptz is 64-bit microseconds since 2000-01-01 UTC.
 
 COPY_COLUMNS = {
-    "requests": 'id, "timestamp", request_id, endpoint, model, parameters, inputs, raw_request',
+    "requests": (
+        'id, "timestamp", request_id, endpoint, model, parameters, inputs, outputs, raw_request'
+    ),
     "responses": 'id, model_name, model_version, "timestamp", parameters, outputs, raw_response',
     "errors": "id, error, response",
     "metadata": "id, metadata",
@@ -185,7 +207,9 @@ _TS = struct.Struct("!iq").pack  # length 8, value
 _PG_EPOCH_SECS = 946684800  # 2000-01-01 in Unix seconds
 _TS_MIN_MS, _TS_MAX_MS = -62135596800000, 253402300800000  # years 1 .. 9999
 _INPUT_KEYS = ("messages", "prompt", "input")
-_OUTPUT_KEYS = ("choices", "output", "outputs")
+_OIP_INPUT_KEYS = ("inputs", "text_input")  # infer, generate
+_OUTPUT_KEYS = ("choices", "output", "outputs", "text_output")
+_VERSION_SEGMENT = re.compile(r"/versions/([^/]+)/")
 _RESPONSE_PARAMETERS = ("status_code", "stream", "latency_ms", "ttft_ms", "usage")
 
 
@@ -237,6 +261,18 @@ def _first_jsonb(value: dict[str, Any], keys: tuple[str, ...]) -> bytes:
     return _NULL
 
 
+def _first_str(value: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    """The first of ``keys`` whose value is not null, as ``->>`` reads it (COALESCE): only
+    strings map exactly (a number would be text in SQL), others take the staging path."""
+    for key in keys:
+        item = value.get(key)
+        if item is not None:
+            if type(item) is not str:
+                raise _Unusual
+            return item
+    return None
+
+
 def _number(value: Any) -> bool:
     return type(value) is int or type(value) is float
 
@@ -254,18 +290,24 @@ def _copy_rows(events: Sequence[Event]) -> dict[str, bytes]:
         model = _text(event.get("model"))
         inp, out = event.get("input"), event.get("output")
         # requests
+        outputs_requested = _NULL
         if inp is None:
             parameters = inputs = raw_request = _NULL
         else:
             raw_request = _jsonb(inp)
-            if isinstance(inp, dict):
+            if isinstance(inp, dict) and ("inputs" in inp or "text_input" in inp):  # OIP v2
+                parameters = _first_jsonb(inp, ("parameters",))
+                inputs = _first_jsonb(inp, _OIP_INPUT_KEYS)
+                outputs_requested = _first_jsonb(inp, ("outputs",))
+            elif isinstance(inp, dict):
                 parameters = _jsonb({k: v for k, v in inp.items() if k not in _INPUT_KEYS})
                 inputs = _first_jsonb(inp, _INPUT_KEYS)
             else:
                 parameters, inputs = _NULL, raw_request
         requests.append(
-            b"\x00\x08" + eid_field + _timestamp(ts_ms / 1000) + _text(event.get("request_id"))
-            + _text(event.get("endpoint")) + model + parameters + inputs + raw_request
+            b"\x00\x09" + eid_field + _timestamp(ts_ms / 1000) + _text(event.get("request_id"))
+            + _text(event.get("endpoint")) + model + parameters + inputs + outputs_requested
+            + raw_request
         )  # fmt: skip
         # responses, when there is an output
         status = event.get("status_code")
@@ -277,16 +319,27 @@ def _copy_rows(events: Sequence[Event]) -> dict[str, bytes]:
             latency = event.get("latency_ms")
             if latency is not None and not _number(latency):
                 raise _Unusual
+            params = _strip_nulls(
+                {k: v for k in _RESPONSE_PARAMETERS if (v := event.get(k)) is not None}
+            )
+            name, version = model, None
             if isinstance(out, dict):
-                version = _text(out.get("model"))
+                if out.get("model_name") is not None:
+                    name = _text(out["model_name"])
+                version = _first_str(out, ("model_version", "model"))
                 outputs = _first_jsonb(out, _OUTPUT_KEYS)
+                if isinstance(out.get("parameters"), dict):
+                    params = {**out["parameters"], **params}
             else:
-                version, outputs = _NULL, raw_response
-            params = {k: v for k in _RESPONSE_PARAMETERS if (v := event.get(k)) is not None}
+                outputs = raw_response
+            if version is None:
+                endpoint = event.get("endpoint")
+                found = _VERSION_SEGMENT.search(endpoint) if type(endpoint) is str else None
+                version = found.group(1) if found else None
             responses.append(
-                b"\x00\x07" + eid_field + model + version
+                b"\x00\x07" + eid_field + name + _text(version)
                 + _timestamp((ts_ms + float(latency or 0)) / 1000.0)
-                + _jsonb(_strip_nulls(params)) + outputs + raw_response
+                + _jsonb(params) + outputs + raw_response
             )  # fmt: skip
         # errors: an error, or an HTTP status >= 400
         error = event.get("error")

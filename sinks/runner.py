@@ -23,6 +23,10 @@ Errors, and who handles them:
 - :class:`PermanentSinkError`: the batch is bisected until the rejected events are isolated;
   those are dead-lettered (stage ``sink:NAME``, reason ``rejected``) and the rest written.
 - A DLQ that does not take the records counts as retriable: nothing is committed.
+- The sink's own steps (``[sinks.NAME] steps``, see ``base.py``) run on each event as it is
+  decoded. An event a step fails on is dead-lettered (stage ``sink:NAME:step:STEP``, reason
+  ``step_failed``) and never written: a failing redact step fails closed. An event a step
+  drops (a sample step) is counted as ``dropped`` and committed.
 
 :meth:`SinkRunner.stop` (SIGTERM/SIGINT in ``auditpipe sink``) stops fetching, gives every
 buffered batch one last write attempt, commits what was written and returns. Whatever was
@@ -63,6 +67,20 @@ log = logging.getLogger("auditpipe.sinks")
 
 Dead = tuple[ConsumerRecord, str, str, BaseException]
 
+
+@dataclass(frozen=True)
+class _Rejected:
+    """A record that will not be written: (stage, reason, error) for the dead letter."""
+
+    stage: str
+    reason: str
+    error: BaseException
+
+
+#: A record one of the sink's steps dropped (written nowhere, committed).
+_DROPPED = object()
+Outcome = Event | _Rejected | object
+
 # The cyclic GC's first generation runs after this many net container allocations (Python's
 # default is 700). Decoded events are dozens of small dicts and lists each, and the runner holds
 # up to four batches per partition, so with the default it ran every few events and kept
@@ -76,6 +94,7 @@ class RunnerStats:
     written: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    dropped: int = 0  # by the sink's own steps
     commits: int = 0
     batches: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -86,7 +105,7 @@ class _Partition:
     """What the runner holds for one assigned partition."""
 
     records: list[ConsumerRecord] = field(default_factory=list)
-    decoded: list[Event | DecodeError] = field(default_factory=list)  # records[i], decoded
+    decoded: list[Outcome] = field(default_factory=list)  # records[i], decoded and stepped
     nbytes: int = 0
     since: float = 0.0  # monotonic time the oldest buffered record arrived
     failing_since: float | None = None
@@ -138,6 +157,7 @@ class SinkRunner:
     ) -> None:
         self.sink = sink
         self.settings = settings
+        self._steps = tuple(getattr(sink, "steps", ()))
         self.on_written = on_written
         self.stats = RunnerStats()
         self.group_id = f"{settings.runner.group_prefix}{sink.name}"
@@ -357,11 +377,22 @@ class SinkRunner:
                     break
                 part = self._parts.get(tp)
 
-    def _decode(self, msg: ConsumerRecord) -> Event | DecodeError:
+    def _decode(self, msg: ConsumerRecord) -> Outcome:
+        """The record's event after the sink's steps, or why it is not written."""
         try:
-            return decode(msg.value, self.settings.runner.reader_schema_id)
+            event = decode(msg.value, self.settings.runner.reader_schema_id)
         except DecodeError as exc:
-            return exc
+            return _Rejected("decode", exc.reason, exc)
+        for step in self._steps:
+            try:
+                result = step(event)
+            except Exception as exc:  # fail closed: dead-lettered, never written as it was
+                name = getattr(step, "__name__", type(step).__name__)
+                return _Rejected(f"sink:{self.sink.name}:step:{name}", "step_failed", exc)
+            if result is None:
+                return _DROPPED
+            event = result
+        return event
 
     def _take(self, part: _Partition) -> tuple[int, int]:
         """How many of the partition's buffered records the next batch takes, and their bytes."""
@@ -387,11 +418,14 @@ class SinkRunner:
         events: list[Event] = []
         offsets: list[int] = []
         dead: list[Dead] = []
-        for msg, event in zip(chunk, decoded, strict=True):
-            if isinstance(event, DecodeError):
-                dead.append((msg, "decode", event.reason, event))
+        dropped = 0
+        for msg, outcome in zip(chunk, decoded, strict=True):
+            if isinstance(outcome, _Rejected):
+                dead.append((msg, outcome.stage, outcome.reason, outcome.error))
+            elif outcome is _DROPPED:
+                dropped += 1
             else:
-                events.append(event)
+                events.append(outcome)  # type: ignore[arg-type]
                 offsets.append(msg.offset)
         batch = Batch(events, tp.topic, tp.partition, offsets)
         try:
@@ -422,6 +456,7 @@ class SinkRunner:
         self._set_paused(consumer, tp, part)
         self.stats.batches += 1
         self.stats.dead_lettered += len(dead)
+        self.stats.dropped += dropped
         written = len(batch) - len(rejected)
         self.stats.written += written
         if self.on_written is not None and written:
@@ -555,6 +590,7 @@ class SinkRunner:
             "written": s.written,
             "retried": s.retried,
             "dead_lettered": s.dead_lettered,
+            "dropped": s.dropped,
             "commits": s.commits,
             "paused": sorted(
                 f"{tp.topic}[{tp.partition}]"

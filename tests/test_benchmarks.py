@@ -49,3 +49,30 @@ class TestProcessorBench:
         assert all(v > 0 for v in out["events_per_sec_median"].values())
         assert kinds <= set(out["cpu_us_per_event_median"])
         assert 0 < out["worker_vs_passthrough"]
+
+
+class TestRedactionBenchmarks:
+    def test_redact_bench_compares_with_main_in_the_same_run(self) -> None:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "redact_bench.py"),
+             "--events", "5", "--rounds", "1"],
+            capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        per_event = out["us_per_event_median"]
+        assert set(per_event) == {"chat_clean", "chat_pii", "chat_headers", "chat_16k"}
+        for entry in per_event.values():
+            assert entry["after"] > 0 and entry["orjson"] > 0
+            if out["before_ref"] is not None:  # main is there in a clone with history
+                assert entry["before"] > 0 and entry["after_over_before"] > 0
+
+    def test_redaction_quality_prints_recall_and_precision_per_kind(self) -> None:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "redaction_quality.py")],
+            capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        assert {"recall", "precision", "recall_by_kind", "lookalikes_kept_by_kind"} <= set(out)
+        assert "CREDENTIAL_HEADER" in out["recall_by_kind"] and out["secrets"] > 5000

@@ -123,6 +123,96 @@ class TestOpenAIWrapper:
         assert failed["error"]["type"] == "invalid_request_error"
 
 
+class ProviderIds:
+    """ASGI wrapper: answers like a provider, with its own request id in a response header."""
+
+    def __init__(self, app: Any, header: bytes) -> None:
+        self.app, self.header = app, header
+        self.sent: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                rid = f"req_{len(self.sent)}_{self.header.decode()}"
+                self.sent.append(rid)
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (self.header, rid.encode())]}  # fmt: skip
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class TestProviderFields:
+    """The queue-logging ticket's fields: provider, the provider's request id, cost in USD."""
+
+    @pytest.mark.parametrize("header", [b"x-request-id", b"request-id", b"apim-request-id"])
+    def test_sync_calls_streams_and_errors_carry_the_providers_request_id(
+        self, out: Any, header: bytes
+    ) -> None:
+        producer, sink = out
+        app = ProviderIds(create_demo_app(), header)
+        with serve(app) as url:
+            client = wrap_openai(
+                openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0), producer
+            )
+            client.chat.completions.create(**CHAT)
+            list(client.chat.completions.create(**CHAT, stream=True))
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(model="nope", messages=CHAT["messages"])
+            events = sink.wait_for(3)
+        assert [e["provider_request_id"] for e in events] == app.sent
+        assert {e["provider"] for e in events} == {"127.0.0.1"}  # the host, when not known
+        assert [e["status_code"] for e in events] == [200, 200, 404]
+
+    def test_async_client_names_the_provider_given(self, out: Any) -> None:
+        producer, sink = out
+        app = ProviderIds(create_demo_app(), b"x-request-id")
+
+        async def run(url: str) -> None:
+            client = wrap_openai(
+                openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k"), producer,
+                provider="openrouter",
+            )  # fmt: skip
+            await client.chat.completions.create(**CHAT)
+            stream = await client.chat.completions.create(**CHAT, stream=True)
+            [c async for c in stream]
+
+        with serve(app) as url:
+            asyncio.run(run(url))
+            events = sink.wait_for(2)
+        assert [(e["provider"], e["provider_request_id"]) for e in events] == [
+            ("openrouter", app.sent[0]), ("openrouter", app.sent[1])
+        ]  # fmt: skip
+
+    def test_cost_keeps_its_unit_in_its_names(self, out: Any, demo_url: str) -> None:
+        """The ticket's cost {input, output, total} is cost.{input,output,total}_usd here."""
+        from auditpipe.processors.enrich import EnrichStep
+
+        producer, sink = out
+        client = wrap_openai(openai.OpenAI(base_url=f"{demo_url}/v1", api_key="k"), producer)
+        client.chat.completions.create(**CHAT)
+        (event,) = sink.wait_for(1)
+        cost = EnrichStep()(event)["cost"]
+        assert set(cost) == {"input_usd", "output_usd", "total_usd", "estimated"}
+        assert cost["total_usd"] > 0
+
+    @pytest.mark.parametrize(
+        ("base_url", "name"),
+        [
+            ("https://api.openai.com/v1", "openai"),
+            ("https://openrouter.ai/api/v1", "openrouter"),
+            ("https://my-res.openai.azure.com/openai/deployments/x", "azure"),
+            ("https://api.groq.com/openai/v1", "groq"),
+            ("https://generativelanguage.googleapis.com/v1beta/openai/", "google"),
+            ("http://vllm.internal:8000/v1", "vllm.internal"),
+        ],
+    )
+    def test_provider_from_the_base_url(self, base_url: str, name: str) -> None:
+        from auditpipe.producer._openai import provider_of
+
+        assert provider_of(base_url) == name
+
+
 class TestMetrics:
     def test_metrics_app_serves_the_counters(self, out: Any) -> None:
         """Mounted at /metrics: emitted, sent, dropped by reason, queue depth, latency."""

@@ -22,7 +22,9 @@ CTX = SerializationContext("auditpipe.events", MessageField.VALUE)
 def client() -> Any:
     """A mock Schema Registry holding our versions under their registry.json ids."""
     client = SchemaRegistryClient.new_client({"url": "mock://interop"})
-    assert ConfluentRegistry(client, SUBJECT).sync() == {1: 1, 2: 2}
+    assert ConfluentRegistry(client, SUBJECT).sync() == {
+        v.version: v.id for v in FileRegistry().versions
+    }
     return client
 
 

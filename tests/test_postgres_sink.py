@@ -120,7 +120,7 @@ class TestWrite:
     ) -> None:
         """The fast path (binary COPY into the tables) builds every row as the staging SQL does,
         over odd shapes too; a redelivered batch then takes the staging path and is a no-op."""
-        evs = make_events(13)
+        evs = make_events(19)
         evs[1].update(status_code=500, output=None, error={"type": "upstream", "message": "boom"})
         evs[2].update(status_code=404, output={"output": [{"type": "message"}], "id": "x"})
         evs[3].update(input="a bare prompt", output="a bare answer", status_code=None)
@@ -133,6 +133,19 @@ class TestWrite:
         evs[10].update(request_id="r-ünï-😀", input={"messages": [{"content": "héllo \t\n\\ 😀"}]})
         evs[11].update(output=[0.25, -1.5], endpoint="/v1/embeddings", model=None)
         evs[12].update(metadata={"ticket": "T-1", "nested": "a\\b"}, status_code=400, error=None)
+        oip_in = {"id": "1", "parameters": {"t": 1}, "inputs": [{"name": "x", "data": [1]}],
+                  "outputs": [{"name": "y"}]}  # fmt: skip
+        oip_out = {"model_name": "iris", "model_version": "3", "parameters": {"ms": 1, "usage": 0},
+                   "outputs": [{"name": "y", "data": [2]}]}  # fmt: skip
+        evs[13].update(endpoint="/v2/models/iris/infer", input=oip_in, output=oip_out)
+        evs[14].update(endpoint="/v2/models/iris/versions/7/infer", input={"inputs": []},
+                       output={"model_name": "iris", "outputs": []})  # fmt: skip
+        gen_out = {"model_name": None, "text_output": "HI", "parameters": [1]}
+        evs[15].update(endpoint="/v2/models/g/generate", input={"text_input": "hi"}, output=gen_out)
+        evs[16].update(input={"inputs": None, "parameters": None},
+                       output={"model_version": None, "model": "m-x"})  # fmt: skip
+        evs[17].update(endpoint="/v2/models/m/versions/2/infer", output=["a"], usage=None)
+        evs[18].update(endpoint="/v2/models/m/versions/2/infer", output={"model": None})
 
         def load(schema: str) -> dict[str, list[Any]]:
             async def scenario() -> None:
@@ -159,7 +172,11 @@ class TestWrite:
         monkeypatch.setattr(postgres, "_copy_rows", staging_only)
         staged_rows = load(new_schema())
         assert fast_rows == staged_rows
-        assert [len(fast_rows[t]) for t in ("requests", "responses", "errors")] == [13, 12, 5]
+        assert [len(fast_rows[t]) for t in ("requests", "responses", "errors")] == [19, 18, 5]
+        versions = {r[0]: r[2] for r in fast_rows["responses"]}
+        assert [versions[e["event_id"]] for e in evs[13:19]] == ["3", "7", None, "m-x", "2", "2"]
+        with pytest.raises(postgres._Unusual):  # a number read as text: the staging path's job
+            postgres._copy_rows([{**evs[13], "output": {"model_version": 3}}])
 
     def test_retention_deletes_old_requests_and_their_rows(self, pg_dsn: str) -> None:
         schema = new_schema()

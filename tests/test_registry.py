@@ -16,6 +16,9 @@ from auditpipe.schemas.registry import (
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 SUBJECT = "auditpipe.AuditEvent"
+PUBLISHED = [v.version for v in FileRegistry().versions]  # 1 .. latest
+IDS = {v.version: v.id for v in FileRegistry().versions}
+NEXT = PUBLISHED[-1] + 1
 
 
 def mock_registry(name: str) -> ConfluentRegistry:
@@ -24,8 +27,8 @@ def mock_registry(name: str) -> ConfluentRegistry:
     return ConfluentRegistry(client, SUBJECT)
 
 
-def v2_with(**changes: Any) -> dict[str, Any]:
-    """v2 with fields replaced (name -> field dict) or appended."""
+def latest_with(**changes: Any) -> dict[str, Any]:
+    """The latest version with fields replaced (name -> field dict) or appended."""
     schema = json.loads(json.dumps(FileRegistry().latest.schema.json))
     names = [f["name"] for f in schema["fields"]]
     for name, fld in changes.items():
@@ -61,9 +64,9 @@ class TestFileRegistry:
 class TestConfluentRegistry:
     def test_sync_registers_every_version_with_the_manifest_ids(self) -> None:
         registry = mock_registry("sync")
-        assert registry.sync() == {1: 1, 2: 2}
-        assert [n for n, _ in registry.registered()] == [1, 2]
-        assert registry.sync() == {1: 1, 2: 2}  # idempotent: same schemas, same ids
+        assert registry.sync() == IDS
+        assert [n for n, _ in registry.registered()] == PUBLISHED
+        assert registry.sync() == IDS  # idempotent: same schemas, same ids
 
     def test_fetch_by_id_returns_the_registered_schema(self) -> None:
         registry = mock_registry("fetch")
@@ -75,27 +78,27 @@ class TestConfluentRegistry:
     def test_compatible_new_version_is_registered(self) -> None:
         registry = mock_registry("compatible")
         registry.sync()
-        v3 = v2_with(region={"name": "region", "type": ["null", "string"], "default": None})
-        assert registry.check_compatibility(v3) == []
-        assert registry.register(v3) == 3
-        assert [n for n, _ in registry.registered()] == [1, 2, 3]
+        new = latest_with(region={"name": "region", "type": ["null", "string"], "default": None})
+        assert registry.check_compatibility(new) == []
+        assert registry.register(new) == NEXT
+        assert [n for n, _ in registry.registered()] == [*PUBLISHED, NEXT]
 
     def test_incompatible_version_is_refused_before_it_reaches_the_registry(self) -> None:
         """A required new field breaks BACKWARD: refused with the path, nothing registered."""
         registry = mock_registry("incompatible")
         registry.sync()
-        v3 = v2_with(region={"name": "region", "type": "string"})
-        problems = registry.check_compatibility(v3)
+        new = latest_with(region={"name": "region", "type": "string"})
+        problems = registry.check_compatibility(new)
         assert {str(p) for p in problems} == {
             "AuditEvent.region: reader field has no default and the writer has no field of "
             "that name"
         }
-        assert {p.writer for p in problems} == {f"{SUBJECT} v1", f"{SUBJECT} v2"}
+        assert {p.writer for p in problems} == {f"{SUBJECT} v{n}" for n in PUBLISHED}
         with pytest.raises(IncompatibleSchemaError, match=r"AuditEvent\.region") as info:
-            registry.register(v3)
-        assert len(info.value.problems) == 2
-        assert [n for n, _ in registry.registered()] == [1, 2]
-        assert registry.register(v3, mode="NONE") == 3  # the mode is the caller's choice
+            registry.register(new)
+        assert len(info.value.problems) == len(PUBLISHED)
+        assert [n for n, _ in registry.registered()] == PUBLISHED
+        assert registry.register(new, mode="NONE") == NEXT  # the mode is the caller's choice
 
     def test_mismatched_ids_are_reported_not_silently_used(self) -> None:
         """If the registry hands out other ids, the framing would lie: sync says so."""
@@ -120,8 +123,7 @@ class TestRegisterCommand:
         config.write_text('[registry]\nurl = "mock://register-command"\nsubject = "s"\n')
         assert main(["schemas", "register", "--config", str(config)]) == 0
         assert capsys.readouterr().out.splitlines() == [
-            "s version 1 (audit_event.v1.avsc): id 1",
-            "s version 2 (audit_event.v2.avsc): id 2",
+            f"s version {n} (audit_event.v{n}.avsc): id {IDS[n]}" for n in PUBLISHED
         ]
 
     def test_without_a_url_is_a_configuration_error(

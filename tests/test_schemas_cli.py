@@ -19,7 +19,7 @@ V1 = SCHEMAS / "audit_event.v1.avsc"
 V2 = SCHEMAS / "audit_event.v2.avsc"
 
 
-def narrowed_total_tokens(tmp_path: Path) -> Path:
+def narrowed_total_tokens(tmp_path: Path, version: int = 3) -> Path:
     """A copy of v2 whose usage.total_tokens is an int: v1 and v2 data cannot be read by it."""
     schema = json.loads(V2.read_text())
     for fld in schema["fields"]:
@@ -28,7 +28,7 @@ def narrowed_total_tokens(tmp_path: Path) -> Path:
                 if sub["name"] == "total_tokens":
                     sub["type"] = "int"
                     sub.pop("default")
-    path = tmp_path / "audit_event.v3.avsc"
+    path = tmp_path / f"audit_event.v{version}.avsc"
     path.write_text(json.dumps(schema))
     return path
 
@@ -53,12 +53,14 @@ class TestSchemasCheck:
     def test_an_incompatible_new_version_fails_the_check(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """Adding an incompatible v3 to a copy of schemas/ makes the check exit 1 with paths."""
-        for p in (V1, V2, SCHEMAS / "registry.json"):
+        """Adding an incompatible version to a copy of schemas/ makes the check exit 1 with
+        paths."""
+        for p in (*SCHEMAS.glob("*.avsc"), SCHEMAS / "registry.json"):
             shutil.copy(p, tmp_path / p.name)
-        narrowed_total_tokens(tmp_path)
         manifest = json.loads((tmp_path / "registry.json").read_text())
-        manifest["versions"].append({"version": 3, "id": 3, "file": "audit_event.v3.avsc"})
+        new = max(v["version"] for v in manifest["versions"]) + 1
+        narrowed = narrowed_total_tokens(tmp_path, new)
+        manifest["versions"].append({"version": new, "id": new, "file": narrowed.name})
         (tmp_path / "registry.json").write_text(json.dumps(manifest))
         assert main(["schemas", "check", "--dir", str(tmp_path)]) == 1
         out = capsys.readouterr().out
