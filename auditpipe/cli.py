@@ -6,6 +6,7 @@
     auditpipe redact [--config FILE] [INPUT|-] [-o OUTPUT|-] [--rejects FILE]
     auditpipe sink NAME --migrate [--config FILE]                  create the sink's tables
     auditpipe broker [--port PORT]                                 the embedded broker alone
+    auditpipe proxy --upstream URL [--host H] [--port P] [--config FILE]  auditing reverse proxy
     auditpipe schemas compat OLD.avsc [OLD...] NEW.avsc [--mode M] can NEW follow OLD?
     auditpipe schemas check [--dir DIR]                            every version, FULL_TRANSITIVE
     auditpipe schemas register [--config FILE]                     publish them to [registry] url
@@ -168,6 +169,43 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_proxy(args: argparse.Namespace) -> int:
+    """The auditing reverse proxy in front of ``--upstream`` (see producer/proxy.py)."""
+    settings = _settings(args)
+    updates = {k: v for k, v in (("upstream", args.upstream), ("host", args.host),
+                                 ("port", args.port)) if v is not None}  # fmt: skip
+    if updates:
+        from .settings import ProxySettings, validate_model
+
+        merged = {**settings.proxy.model_dump(), **updates}
+        settings.proxy = validate_model(ProxySettings, merged, "command line", "proxy")
+    cfg = settings.proxy
+    if not cfg.upstream:
+        raise ConfigError(
+            "proxy.upstream is not set: pass --upstream http://HOST:PORT (or [proxy] upstream in "
+            "the settings file, or AUDITPIPE_PROXY_UPSTREAM)"
+        )
+    try:
+        from auditpipe.producer import AuditMiddleware, AuditProducer, _serve
+        from auditpipe.producer.proxy import ProxyApp
+    except ImportError as exc:
+        raise ConfigError(
+            f"the proxy needs httpx and uvicorn ({exc}): pip install 'auditpipe[proxy]'"
+        ) from None
+    sock = _serve.bind(cfg.host, cfg.port)
+    producer = AuditProducer(settings)
+    proxy = ProxyApp(cfg.upstream, cfg)
+    app = AuditMiddleware(proxy, producer)
+    return _serve.run(
+        app,
+        producer,
+        sock,
+        f"auditpipe proxy: listening on {{url}}, forwarding to {cfg.upstream} "
+        f"(capture: {settings.producer.capture}, transport: {settings.producer.transport})",
+        on_stop=lambda: f"proxy: {dict(proxy.stats)}",
+    )
+
+
 def cmd_schemas_compat(args: argparse.Namespace) -> int:
     """Exit 0 compatible, 1 not (each problem printed with its path), 2 unreadable schema."""
     from auditpipe.schemas import compat
@@ -276,6 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     broker.add_argument("--config", help="settings file (TOML); [kafka] names the topics")
     broker.set_defaults(func=cmd_broker)
+
+    proxy = sub.add_parser(
+        "proxy",
+        help="auditing reverse proxy in front of any inference server (vLLM, TGI, Dynamo...)",
+        description="Forwards every request to --upstream unchanged (streams both ways) and "
+        "captures exchanges like AuditMiddleware, per [producer]. SIGTERM: finish requests, "
+        "flush, exit.",
+    )
+    proxy.add_argument("--upstream", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    proxy.add_argument("--host", help="listen address (default: [proxy] host, 127.0.0.1)")
+    proxy.add_argument("--port", type=int, help="listen port (default: [proxy] port, 8080)")
+    proxy.add_argument("--config", help="settings file (TOML); [proxy] and [producer]")
+    proxy.set_defaults(func=cmd_proxy)
 
     from auditpipe.schemas.compat import Mode
 
