@@ -247,21 +247,19 @@ class ProxySettings(StrictModel):
     host: str = Field("127.0.0.1", description="address the proxy listens on")
     port: int = Field(8080, ge=0, le=65535, description="port the proxy listens on (0: any)")
     connect_timeout_secs: float = Field(
-        5.0, gt=0, description="connecting to the upstream; past it the client gets a 504"
+        5.0, gt=0, description="establishing an upstream connection; past it the client gets 504"
     )
     read_timeout_secs: float = Field(
         600.0,
         gt=0,
         description="longest wait for the upstream's response headers or its next body chunk"
-        " (a long generation before the first byte needs a long one)",
+        " (a long generation before the first byte needs a long one); past it: 504",
     )
-    write_timeout_secs: float = Field(60.0, gt=0, description="sending one request chunk upstream")
     pool_timeout_secs: float = Field(
-        10.0, gt=0, description="waiting for a free upstream connection; past it: 503"
+        10.0, gt=0, description="waiting for a free upstream connection (at max_connections)"
     )
-    max_connections: int = Field(1000, ge=1, description="upstream connections open at most")
-    max_keepalive_connections: int = Field(
-        200, ge=0, description="idle upstream connections kept open for reuse"
+    max_connections: int = Field(
+        1000, ge=1, description="upstream connections open at most (busy and idle)"
     )
     keepalive_expiry_secs: float = Field(
         30.0, gt=0, description="an idle upstream connection is closed after this long"

@@ -23,7 +23,9 @@ from ._producer import AuditProducer
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on (host, port); raises AuditpipeError naming the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named explicitly: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket says IPPROTO_TCP (with proto 0, Nagle + delayed ACKs add ~40 ms)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -60,6 +62,7 @@ def run(
         access_log=False,
         server_header=False,
         date_header=False,
+        proxy_headers=False,  # scope["client"] is the peer; the proxy adds X-Forwarded-For
         timeout_keep_alive=75,  # longer than common client pools keep idle connections
     )
     server = uvicorn.Server(config)

@@ -1,8 +1,10 @@
 """The auditing reverse proxy: ``auditpipe proxy --upstream URL`` in front of any HTTP server.
 
-:class:`ProxyApp` is an ASGI app that forwards every request to the upstream server with httpx
-(a pooled ``AsyncHTTPTransport``: keep-alive, connection limits, connect/read/write/pool
-timeouts) and streams the answer back as it comes. Capture is not the proxy's business: the
+:class:`ProxyApp` is an ASGI app that forwards every request to the upstream server with
+aiohttp's client (a pooled connector: keep-alive, a connection limit, connect/read/pool timeouts)
+and streams the answer back as it comes. (httpx was tried first: its connection pool scans every
+pooled connection with a poll() per request, which held the proxy to a quarter of the
+throughput; benchmarks/proxy_bench.py.) Capture is not the proxy's business: the
 CLI wraps it in :class:`~auditpipe.producer.AuditMiddleware`, so gating by ``store``, the header
 allowlist, credentials never recorded, ``x-request-id``, stream assembly with TTFT and the size
 caps are the very code that serves in-process servers.
@@ -18,11 +20,13 @@ compressed), SSE events as they arrive. What a proxy must change, it changes:
   ``-Proto`` and ``-Host`` are added (``forwarded_headers``);
 - a captured request that came without ``x-request-id`` is sent upstream with the id it is
   recorded under (and the client gets it back);
-- no cookie jar, no redirects followed, no proxy or ``.netrc`` settings from the environment:
-  the upstream sees the client's own credentials and nothing else.
+- no cookie jar, no redirects followed, no headers of the client library's own, no proxy or
+  ``.netrc`` settings from the environment: the upstream sees the client's credentials and
+  nothing else.
 
-Failures: the upstream unreachable -> 502, a timeout -> 504, no free upstream connection within
-``pool_timeout_secs`` -> 503, each with an OpenAI-shaped error body (the middleware records it).
+Failures: the upstream unreachable -> 502, no connection within the connect/pool timeouts or
+no answer within ``read_timeout_secs`` -> 504, each with an OpenAI-shaped error body (the
+middleware records it).
 The upstream failing after the answer started -> the client's connection is cut (a truncated
 answer must not look complete) and :class:`UpstreamError` is raised (the event records it). A
 client that disconnects cancels the upstream request: the upstream connection is closed, so
@@ -35,12 +39,13 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 import orjson
+from yarl import URL
 
 from auditpipe.settings import ProxySettings
 
@@ -83,47 +88,53 @@ class _ClientGone(Exception):
 class ProxyApp:
     """ASGI app forwarding everything to ``upstream``; see the module docstring.
 
-    ``transport``: an httpx async transport to use instead of the pooled HTTP one (tests).
     ``stats``: requests forwarded, upstream failures by kind, client disconnects.
     """
 
-    def __init__(
-        self,
-        upstream: str,
-        cfg: ProxySettings | None = None,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.cfg = cfg = cfg or ProxySettings(upstream=upstream)
-        base = httpx.URL(upstream)
+    def __init__(self, upstream: str, cfg: ProxySettings | None = None) -> None:
+        self.cfg = cfg or ProxySettings(upstream=upstream)
+        base = URL(upstream)
         if base.scheme not in ("http", "https") or not base.host:
             raise ValueError(f"upstream {upstream!r} is not an http:// or https:// URL")
-        self.upstream = base
-        self._prefix = base.raw_path.split(b"?", 1)[0].rstrip(b"/")
-        self._authority = base.netloc
-        self._transport = transport or httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(
-                max_connections=cfg.max_connections,
-                max_keepalive_connections=cfg.max_keepalive_connections,
-                keepalive_expiry=cfg.keepalive_expiry_secs,
-            ),
-            retries=0,
-            trust_env=False,
-        )
-        self._extensions = {
-            "timeout": httpx.Timeout(
-                connect=cfg.connect_timeout_secs,
-                read=cfg.read_timeout_secs,
-                write=cfg.write_timeout_secs,
-                pool=cfg.pool_timeout_secs,
-            ).as_dict()
-        }
+        self.upstream = upstream
+        self._origin = str(base.origin())
+        self._prefix = base.raw_path.rstrip("/")
+        self._authority = (base.raw_authority or base.host).encode("idna")
+        self._session: aiohttp.ClientSession | None = None
         self.stats: collections.Counter[str] = collections.Counter()
         self._last_log: dict[str, float] = {}
 
+    def _open_session(self) -> aiohttp.ClientSession:
+        cfg = self.cfg
+        connector = aiohttp.TCPConnector(
+            limit=cfg.max_connections,
+            keepalive_timeout=cfg.keepalive_expiry_secs,
+            ttl_dns_cache=10,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=cfg.pool_timeout_secs + cfg.connect_timeout_secs,
+                sock_connect=cfg.connect_timeout_secs,
+                sock_read=cfg.read_timeout_secs,
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            auto_decompress=False,
+            trust_env=False,
+            read_bufsize=2**16,
+            max_line_size=65536,
+            max_field_size=65536,
+            max_headers=1024,
+        )
+        return self._session
+
     async def aclose(self) -> None:
         """Close the upstream connections (the app's lifespan shutdown does it)."""
-        await self._transport.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -148,6 +159,7 @@ class ProxyApp:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.stats["requests"] += 1
+        session = self._session or self._open_session()
         first = await receive()
         if first["type"] == "http.disconnect":
             self.stats["client_disconnects"] += 1
@@ -155,24 +167,21 @@ class ProxyApp:
         task = asyncio.current_task()
         assert task is not None
         watch = _DisconnectWatch(receive, task)
-        content: bytes | AsyncIterator[bytes]
+        headers, has_length = self._request_headers(scope)
+        data: bytes | AsyncIterator[bytes] | None
         if first.get("more_body", False):
-            content = self._stream_body(first.get("body", b""), receive, watch)
+            data = self._stream_body(first.get("body", b""), receive, watch)
         else:
-            content = first.get("body", b"")
+            data = first.get("body", b"") or (b"" if has_length else None)
             watch.start()
-        request = httpx.Request(
-            scope["method"],
-            self._url(scope),
-            headers=self._request_headers(scope),
-            content=content,
-            extensions=self._extensions,
-        )
-        response: httpx.Response | None = None
+        response: aiohttp.ClientResponse | None = None
         try:
             try:
-                response = await self._transport.handle_async_request(request)
-            except httpx.HTTPError as exc:
+                response = await session.request(
+                    scope["method"], self._url(scope), headers=headers, data=data,
+                    allow_redirects=False, compress=None, chunked=None,
+                )  # fmt: skip
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 await self._answer_failure(send, exc)
                 return
             await self._relay(response, send, watch)
@@ -186,35 +195,39 @@ class ProxyApp:
         finally:
             watch.stop()
             if response is not None:
-                await response.aclose()  # mid-body: the connection is closed, not reused
+                if watch.done and response.content.at_eof():
+                    response.release()  # read to the end: the connection is reused
+                else:
+                    response.close()  # mid-body: closed, so the upstream sees the client leave
 
-    async def _relay(self, response: httpx.Response, send: Send, watch: _DisconnectWatch) -> None:
-        headers = _response_headers(response.headers.raw)
-        await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": headers})  # fmt: skip
-        length = response.headers.get("content-length")
-        expected = int(length) if length and length.isdigit() else -1
+    async def _relay(
+        self, response: aiohttp.ClientResponse, send: Send, watch: _DisconnectWatch
+    ) -> None:
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": _response_headers(response.raw_headers)})  # fmt: skip
+        expected = response.content_length if response.content_length is not None else -1
         sent = 0
-        stream = response.stream
-        assert isinstance(stream, httpx.AsyncByteStream)
         try:
-            async for chunk in stream:  # raw bytes: content-encoding is passed through
-                if not chunk:
+            # raw bytes: content-encoding is passed through; read to the end even after the
+            # last announced byte, so the connection goes back to the pool
+            async for chunk in response.content.iter_any():
+                if not chunk or watch.done:
                     continue
                 sent += len(chunk)
                 if sent == expected:  # the last chunk ends the response itself
                     watch.done = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                    return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
+                else:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (aiohttp.ClientError, TimeoutError) as exc:
             kind = _failure(exc)[0]
             self._count_failure(f"{kind}_mid_response", exc)
             raise UpstreamError(
                 f"upstream failed after the response started: {type(exc).__name__}: {exc}"
             ) from exc
-        watch.done = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not watch.done:
+            watch.done = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stream_body(
         self, first: bytes, receive: Receive, watch: _DisconnectWatch
@@ -233,22 +246,26 @@ class ProxyApp:
                 break
         watch.start()
 
-    def _url(self, scope: Scope) -> httpx.URL:
-        raw = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
+    def _url(self, scope: Scope) -> URL:
+        raw = scope.get("raw_path")
+        path = raw.decode("latin-1") if raw else quote(scope["path"])
         query = scope.get("query_string") or b""
-        path = self._prefix + raw + (b"?" + query if query else b"")
-        return self.upstream.copy_with(raw_path=path)
+        target = self._origin + self._prefix + path
+        if query:
+            target += "?" + query.decode("latin-1")
+        return URL(target, encoded=True)
 
-    def _request_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+    def _request_headers(self, scope: Scope) -> tuple[list[tuple[str, str]], bool]:
+        """(headers for the upstream, whether the client sent content-length)."""
         raw: list[tuple[bytes, bytes]] = scope["headers"]
         drop = _NOT_FORWARDED_UP
         for name, value in raw:
             if name == b"connection":  # and the headers it names
                 drop = drop | {t.strip().lower() for t in value.split(b",")}
         cfg = self.cfg
-        out: list[tuple[bytes, bytes]] = []
+        out: list[tuple[str, str]] = []
         host = forwarded_for = None
-        has_id = has_proto = has_fhost = False
+        has_id = has_proto = has_fhost = has_length = False
         for name, value in raw:
             if name in drop:
                 continue
@@ -259,33 +276,35 @@ class ProxyApp:
             elif name == b"x-forwarded-for":
                 forwarded_for = value
                 continue
+            elif name == b"content-length":
+                has_length = True
             elif name == b"x-request-id":
                 has_id = True
             elif name == b"x-forwarded-proto":
                 has_proto = True
             elif name == b"x-forwarded-host":
                 has_fhost = True
-            out.append((name, value))
+            out.append((name.decode("latin-1"), value.decode("latin-1")))
         if not cfg.preserve_host or host is None:
-            out.append((b"host", self._authority))
+            out.append(("host", self._authority.decode("latin-1")))
         if not has_id:
             rid = scope.get(REQUEST_ID_SCOPE_KEY)
             if rid:
-                out.append((b"x-request-id", rid.encode("latin-1")))
+                out.append(("x-request-id", rid))
         if cfg.forwarded_headers:
             client = scope.get("client")
             if client:
                 addr = str(client[0]).encode("latin-1")
                 forwarded_for = forwarded_for + b", " + addr if forwarded_for else addr
             if not has_proto:
-                out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
+                out.append(("x-forwarded-proto", scope.get("scheme", "http")))
             if not has_fhost and host is not None:
-                out.append((b"x-forwarded-host", host))
+                out.append(("x-forwarded-host", host.decode("latin-1")))
         if forwarded_for is not None:
-            out.append((b"x-forwarded-for", forwarded_for))
-        return out
+            out.append(("x-forwarded-for", forwarded_for.decode("latin-1")))
+        return out, has_length
 
-    async def _answer_failure(self, send: Send, exc: httpx.HTTPError) -> None:
+    async def _answer_failure(self, send: Send, exc: BaseException) -> None:
         kind, status, message = _failure(exc)
         self._count_failure(kind, exc)
         body = orjson.dumps(
@@ -312,23 +331,22 @@ class ProxyApp:
                         type(exc).__name__, exc, self.stats[kind])  # fmt: skip
 
 
-def _response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    out = [(name.lower(), value) for name, value in raw]
     drop = HOP_BY_HOP
-    for name, value in raw:
-        if name.lower() == b"connection":
+    for name, value in out:
+        if name == b"connection":
             drop = drop | {t.strip().lower() for t in value.split(b",")}
-    return [(name.lower(), value) for name, value in raw if name.lower() not in drop]
+    return [(name, value) for name, value in out if name not in drop]
 
 
-def _failure(exc: httpx.HTTPError) -> tuple[str, int, str]:
+def _failure(exc: BaseException) -> tuple[str, int, str]:
     """(counter name and error code, status for the client, message) of an upstream failure."""
-    if isinstance(exc, httpx.PoolTimeout):
-        return "upstream_pool_timeout", 503, "auditpipe proxy: no free upstream connection"
-    if isinstance(exc, httpx.ConnectTimeout):
-        return "upstream_connect_timeout", 504, "auditpipe proxy: connecting upstream timed out"
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "upstream_connect_timeout", 504, "auditpipe proxy: no upstream connection in time"
+    if isinstance(exc, TimeoutError):  # sock_read: no answer, or no next chunk, in time
         return "upstream_timeout", 504, "auditpipe proxy: the upstream did not answer in time"
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return "upstream_unreachable", 502, "auditpipe proxy: the upstream is unreachable"
     return "upstream_failed", 502, f"auditpipe proxy: the upstream failed ({type(exc).__name__})"
 

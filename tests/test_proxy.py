@@ -251,6 +251,20 @@ class TestForwarding:
         assert ["authorization", "Bearer abc"] in got["headers"]
         assert r.headers["content-length"] == str(len(r.content))
 
+    def test_request_bodies_stream_upstream(self, proxy: ProxyProcess) -> None:
+        """A chunked upload (no length) and a large one with a length both arrive whole."""
+
+        def parts() -> Iterator[bytes]:
+            for _ in range(64):
+                yield b"x" * 4096
+
+        chunked = httpx.post(f"{proxy.url}/echo", content=parts()).json()
+        assert chunked["body_bytes"] == 64 * 4096
+        assert ["transfer-encoding", "chunked"] in chunked["headers"]
+        sized = httpx.post(f"{proxy.url}/echo", content=b"y" * 3_000_000).json()
+        assert sized["body_bytes"] == 3_000_000
+        assert ["content-length", "3000000"] in sized["headers"]
+
 
 class TestUpstreamFailures:
     def test_upstream_4xx_and_5xx_reach_the_client_and_are_recorded(
