@@ -7,12 +7,14 @@
     auditpipe sink NAME --migrate [--config FILE]                  create the sink's tables
     auditpipe broker [--port PORT]                                 the embedded broker alone
     auditpipe proxy --upstream URL [--host H] [--port P] [--config FILE]  auditing reverse proxy
+    auditpipe ingest [--config FILE] [--follow] [--state FILE] [FILE ...|-]  audit JSONL in
     auditpipe schemas compat OLD.avsc [OLD...] NEW.avsc [--mode M] can NEW follow OLD?
     auditpipe schemas check [--dir DIR]                            every version, FULL_TRANSITIVE
     auditpipe schemas register [--config FILE]                     publish them to [registry] url
 
 Exit codes: 0 success, 1 the job failed (the message says what is missing), 2 bad usage or
-configuration (the message names the key), 3 `redact` rejected some lines, 130 interrupted.
+configuration (the message names the key), 3 `redact` rejected some lines (`ingest`: skipped
+malformed records), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -206,6 +208,15 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Dynamo-style audit JSONL from files or stdin (see producer/ingest.py)."""
+    from auditpipe.producer.ingest import run_ingest
+
+    settings = _settings(args)
+    return run_ingest(settings, args.files, follow=args.follow, state_file=args.state,
+                      use_state=not args.no_state)  # fmt: skip
+
+
 def cmd_schemas_compat(args: argparse.Namespace) -> int:
     """Exit 0 compatible, 1 not (each problem printed with its path), 2 unreadable schema."""
     from auditpipe.schemas import compat
@@ -327,6 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--port", type=int, help="listen port (default: [proxy] port, 8080)")
     proxy.add_argument("--config", help="settings file (TOML); [proxy] and [producer]")
     proxy.set_defaults(func=cmd_proxy)
+
+    ingest = sub.add_parser(
+        "ingest",
+        help="publish audit JSONL (Dynamo's store=true records) from files or stdin",
+        description="Takes the audit records out of a server's output (other log lines are "
+        "skipped and counted, or dead-lettered by [ingest] settings) and publishes them as "
+        "AuditEvents. Files resume from the positions in the state file. Exit 3 when "
+        "malformed records were skipped.",
+    )
+    ingest.add_argument("files", nargs="*", metavar="FILE",
+                        help="files to read; - or none: stdin")  # fmt: skip
+    ingest.add_argument("--follow", "-F", action="store_true",
+                        help="keep reading like tail -F (rotation, truncation)")  # fmt: skip
+    ingest.add_argument("--state", help="state file (default: [ingest] state_file, or one under "
+                        "$XDG_STATE_HOME/auditpipe)")  # fmt: skip
+    ingest.add_argument("--no-state", action="store_true",
+                        help="read files from their start and remember nothing")  # fmt: skip
+    ingest.add_argument("--config", help="settings file (TOML); [ingest] and [producer]")
+    ingest.set_defaults(func=cmd_ingest)
 
     from auditpipe.schemas.compat import Mode
 
