@@ -8,6 +8,7 @@
     auditpipe broker [--port PORT]                                 the embedded broker alone
     auditpipe proxy --upstream URL [--host H] [--port P] [--config FILE]  auditing reverse proxy
     auditpipe ingest [--config FILE] [--follow] [--state FILE] [FILE ...|-]  audit JSONL in
+    auditpipe receive [--host H] [--port P] [--config FILE]       KServe logger receiver
     auditpipe schemas compat OLD.avsc [OLD...] NEW.avsc [--mode M] can NEW follow OLD?
     auditpipe schemas check [--dir DIR]                            every version, FULL_TRANSITIVE
     auditpipe schemas register [--config FILE]                     publish them to [registry] url
@@ -217,6 +218,36 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                       use_state=not args.no_state)  # fmt: skip
 
 
+def cmd_receive(args: argparse.Namespace) -> int:
+    """The KServe inference-logger receiver (see producer/kserve.py)."""
+    settings = _settings(args)
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if updates:
+        from .settings import ReceiverSettings, validate_model
+
+        merged = {**settings.receiver.model_dump(), **updates}
+        settings.receiver = validate_model(ReceiverSettings, merged, "command line", "receiver")
+    cfg = settings.receiver
+    try:
+        from auditpipe.producer import AuditProducer, _serve
+        from auditpipe.producer.kserve import KServeReceiver
+    except ImportError as exc:
+        raise ConfigError(
+            f"the receiver needs uvicorn ({exc}): pip install 'auditpipe[proxy]'"
+        ) from None
+    sock = _serve.bind(cfg.host, cfg.port)
+    producer = AuditProducer(settings)
+    receiver = KServeReceiver(producer, cfg)
+    return _serve.run(
+        receiver,
+        producer,
+        sock,
+        "auditpipe receive: KServe logger CloudEvents on {url} (pair timeout "
+        f"{cfg.pair_timeout_secs:g} s, transport: {settings.producer.transport})",
+        on_stop=lambda: f"receiver: {receiver.snapshot()}",
+    )
+
+
 def cmd_schemas_compat(args: argparse.Namespace) -> int:
     """Exit 0 compatible, 1 not (each problem printed with its path), 2 unreadable schema."""
     from auditpipe.schemas import compat
@@ -357,6 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read files from their start and remember nothing")  # fmt: skip
     ingest.add_argument("--config", help="settings file (TOML); [ingest] and [producer]")
     ingest.set_defaults(func=cmd_ingest)
+
+    receive = sub.add_parser(
+        "receive",
+        help="receive KServe inference-logger CloudEvents, pair request and response",
+        description="Point an InferenceService's logger (mode: all) at this URL. Answers 202 "
+        "at once; pairs request and response by ce-id; a half left alone past "
+        "[receiver] pair_timeout_secs is recorded as incomplete.",
+    )
+    receive.add_argument("--host", help="listen address (default: [receiver] host, 127.0.0.1)")
+    receive.add_argument("--port", type=int, help="listen port (default: [receiver] port, 8081)")
+    receive.add_argument("--config", help="settings file (TOML); [receiver] and [producer]")
+    receive.set_defaults(func=cmd_receive)
 
     from auditpipe.schemas.compat import Mode
 
