@@ -9,6 +9,7 @@ it with capture on (every request says ``"store": true``; the Kafka transport in
 broker by default, whose records are counted afterwards to show every exchange was captured),
 and the load generator (aiohttp, one connection pool per target).
 
+A second proxy with capture off (``AUDITPIPE_ENABLED=0``) shows what forwarding alone costs.
 For non-streaming and streaming requests:
 
 - ``latency``: requests one at a time; p50/p99/mean of the full request (streaming: until the
@@ -239,11 +240,21 @@ def main() -> None:
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         procs.append(proxy)
+        bare_port = _free_port()  # the same proxy with capture off: what forwarding costs alone
+        bare = subprocess.Popen(
+            [sys.executable, "-m", "auditpipe", "proxy", "--upstream",
+             f"http://127.0.0.1:{up_port}", "--port", str(bare_port)],
+            env={**env, "AUDITPIPE_ENABLED": "0"}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        procs.append(bare)
         _wait_port(up_port, up, "upstream")
         _wait_port(proxy_port, proxy, "proxy")
+        _wait_port(bare_port, bare, "proxy without capture")
         targets = {
             "direct": f"http://127.0.0.1:{up_port}/v1/chat/completions",
             "proxy": f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
+            "proxy_capture_off": f"http://127.0.0.1:{bare_port}/v1/chat/completions",
         }
         bodies = {
             "non_streaming": json.dumps(CHAT_BODY).encode(),
@@ -256,7 +267,8 @@ def main() -> None:
                 for kind, requests, conc in (("latency", args.latency_requests, 1),
                                              ("throughput", args.throughput_requests,
                                               args.concurrency)):  # fmt: skip
-                    for target in ("direct", "proxy") if r % 2 == 0 else ("proxy", "direct"):
+                    order = list(targets) if r % 2 == 0 else list(reversed(targets))
+                    for target in order:
                         print(f"[proxy_bench] round {r + 1}: {mode} {kind} {target}",
                               file=sys.stderr)  # fmt: skip
                         result = asyncio.run(run_load(targets[target], body, requests, conc))
@@ -290,6 +302,12 @@ def main() -> None:
                     "p50": round(med(lat["proxy"], "p50_ms") - med(lat["direct"], "p50_ms"), 3),
                     "p99": round(med(lat["proxy"], "p99_ms") - med(lat["direct"], "p99_ms"), 3),
                 },
+                "added_latency_ms_capture_off": {
+                    p: round(
+                        med(lat["proxy_capture_off"], f"{p}_ms") - med(lat["direct"], f"{p}_ms"), 3
+                    )
+                    for p in ("p50", "p99")
+                },
                 "requests_per_sec_median": {t: med(thr[t], "requests_per_sec") for t in targets},
                 f"p50_ms_at_concurrency_{args.concurrency}": {
                     t: med(thr[t], "p50_ms") for t in targets
@@ -297,6 +315,9 @@ def main() -> None:
             }
             rps = summary["requests_per_sec_median"]
             summary["throughput_ratio_proxy_over_direct"] = round(rps["proxy"] / rps["direct"], 3)
+            summary["throughput_ratio_capture_off_over_direct"] = round(
+                rps["proxy_capture_off"] / rps["direct"], 3
+            )
             out[mode] = summary
         if args.transport == "kafka" and broker is not None:
             captured = asyncio.run(_count_records(broker.bootstrap, topic))

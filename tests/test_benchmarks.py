@@ -64,7 +64,7 @@ class TestProxyBench:
         out = json.loads(result.stdout)
         for mode in ("non_streaming", "streaming"):
             summary = out[mode]
-            assert set(summary["latency_ms_median"]) == {"direct", "proxy"}
+            assert set(summary["latency_ms_median"]) == {"direct", "proxy", "proxy_capture_off"}
             assert summary["throughput_ratio_proxy_over_direct"] > 0
             assert set(summary["added_latency_ms"]) == {"p50", "p99"}
         captured = out["captured"]
