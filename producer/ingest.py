@@ -219,18 +219,25 @@ class FileFollower:
         return None
 
     def _find_rotated(self, entry: dict[str, Any]) -> Tracked | None:
-        directory = os.path.dirname(self.path)
-        try:
-            for item in os.scandir(directory):
-                st = item.stat(follow_symlinks=False)
+        """The file of a saved entry, by inode, beside the path (or beside the file a symlinked
+        path points to: Kubernetes' /var/log/containers links into /var/log/pods)."""
+        directories = {os.path.dirname(self.path), os.path.dirname(os.path.realpath(self.path))}
+        for directory in sorted(directories):
+            try:
+                items = list(os.scandir(directory))
+            except OSError:
+                continue
+            for item in items:
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
                 if st.st_ino == entry.get("ino") and st.st_dev == entry.get("dev"):
                     t = self._open(item.path)
                     if t is not None and _head_matches(t.fd, str(entry.get("head", ""))):
                         return t
                     if t is not None:
                         os.close(t.fd)
-        except OSError:
-            return None
         return None
 
     # -- reading --------------------------------------------------------------------------------
@@ -445,6 +452,9 @@ class Ingest:
         self._dlq_pending: list[asyncio.Future[Any]] = []
         if "dlq" in (self.cfg.on_other, self.cfg.on_malformed):
             require_bootstrap(settings.kafka)  # fails before anything is read
+        if not producer.enabled:
+            raise ConfigError("producer.enabled is false (AUDITPIPE_ENABLED=0): nothing would be "
+                              "published; unset it to ingest")  # fmt: skip
 
     def stop(self) -> None:
         """Finish the batch in hand, deliver it, save the positions, return (signal-safe)."""
@@ -471,7 +481,8 @@ class Ingest:
                     await self._deliver(lines[i : i + self._batch])
                 if not lines:
                     await self._commit([])  # rotated files closed, truncations noted
-                if not self.follow and (self.stdin is None or self.stdin.eof) and not lines:
+                stdin_done = self.stdin is None or self.stdin.eof
+                if stdin_done and not lines and (not self.follow or not self.followers):
                     break
                 if self._progress and time.monotonic() - last_progress >= _PROGRESS_SECS:
                     last_progress = time.monotonic()
@@ -525,10 +536,7 @@ class Ingest:
             )
             if kind == "record":
                 report.records += 1
-                while not self.producer.emit(value):  # the queue has room for a batch:
-                    await asyncio.sleep(0.05)  # only a stopped producer refuses
-                    if self._stop.is_set() and not self.producer._accepting:
-                        raise AuditpipeError("the producer stopped while ingesting")
+                self._emit(value)
             elif kind == "other":
                 report.other[value] += 1
                 if cfg.on_other == "dlq":
@@ -539,6 +547,14 @@ class Ingest:
                     self._dead_letter(line, content, value, message)
                     report.malformed_dead_lettered += 1
         await self._commit(lines)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        """Hand one event to the producer. A batch fits in its queue (batches are at most
+        ``queue_max_events`` and each is flushed before the next), so a refusal means it
+        stopped."""
+        producer = self.producer
+        if not producer.emit(event):
+            raise AuditpipeError(f"the producer refused an event: {producer.stats()['dropped']}")
 
     def _dead_letter(self, line: Line, content: bytes, reason: str, message: str) -> None:
         assert self._dlq is not None
@@ -554,10 +570,12 @@ class Ingest:
         """Wait until everything handed over is delivered, then save the positions."""
         if lines:
             while not await asyncio.to_thread(self.producer.flush, 5.0):
+                if not self.producer._accepting:
+                    raise AuditpipeError("the producer stopped before delivering a batch")
                 if self._progress:
                     self._progress("waiting for the producer to deliver (Kafka slow or away?)")
-                if self._stop.is_set() and not self.producer._accepting:
-                    return  # not delivered: not committed; re-read next time
+                if self._stop.is_set():
+                    return  # not delivered: not saved; read again next time
             if self._dlq_pending:
                 sends, self._dlq_pending = self._dlq_pending, []
                 for fut in await asyncio.gather(*sends):  # each send() gave a delivery future

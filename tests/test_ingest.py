@@ -304,6 +304,26 @@ class TestFollow:
         assert b"'rotations': 1" in run1.stderr and b"'truncations': 1" in run2.stderr
         assert b"'rotations': 1" in run3.stderr  # audit.log.2, found again by its inode
 
+    def test_symlinked_path_rotated_while_down(self, tmp_path: Path) -> None:
+        """Kubernetes' layout: the followed path is a symlink into another directory, where the
+        kubelet rotates by rename; a rotation while ingest is down is still found."""
+        pods = tmp_path / "pods"
+        pods.mkdir()
+        target, link = pods / "0.log", tmp_path / "frontend.log"
+        append(target, record(1))
+        link.symlink_to(target)
+        args = ["--follow", "--state", str(tmp_path / "state.json"), str(link)]
+        run1 = IngestProcess(args)
+        run1.wait_for("req-1")
+        assert run1.stop() == 0
+        append(target, record(2))
+        os.rename(target, pods / "0.log.20261203-0101")
+        append(target, record(3))
+        run2 = IngestProcess(args)
+        run2.wait_for("req-2", "req-3")
+        assert run2.stop() == 0
+        assert run1.ids() + sorted(run2.ids()) == ["req-1", "req-2", "req-3"]
+
     def test_crash_replays_the_batch_with_the_same_ids(self, tmp_path: Path) -> None:
         """Killed (SIGKILL) after publishing but possibly before saving: the restart re-reads
         at most the unsaved batch, with identical event ids; nothing is missing."""
