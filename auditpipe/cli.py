@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import AuditpipeError, ConfigError
-from .settings import Settings, load_settings, settings_path_from_env
+from .settings import Settings, load_settings, settings_path_from_env, validate_model
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -172,16 +172,19 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _override(settings: Settings, table: str, **values: Any) -> None:
+    """Command-line options over ``[table]`` (those given); invalid ones name the key."""
+    updates = {k: v for k, v in values.items() if v is not None}
+    if updates:
+        current = getattr(settings, table)
+        merged = {**current.model_dump(), **updates}
+        setattr(settings, table, validate_model(type(current), merged, "command line", table))
+
+
 def cmd_proxy(args: argparse.Namespace) -> int:
     """The auditing reverse proxy in front of ``--upstream`` (see producer/proxy.py)."""
     settings = _settings(args)
-    updates = {k: v for k, v in (("upstream", args.upstream), ("host", args.host),
-                                 ("port", args.port)) if v is not None}  # fmt: skip
-    if updates:
-        from .settings import ProxySettings, validate_model
-
-        merged = {**settings.proxy.model_dump(), **updates}
-        settings.proxy = validate_model(ProxySettings, merged, "command line", "proxy")
+    _override(settings, "proxy", upstream=args.upstream, host=args.host, port=args.port)
     cfg = settings.proxy
     if not cfg.upstream:
         raise ConfigError(
@@ -193,7 +196,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         from auditpipe.producer.proxy import ProxyApp
     except ImportError as exc:
         raise ConfigError(
-            f"the proxy needs httpx and uvicorn ({exc}): pip install 'auditpipe[proxy]'"
+            f"the proxy needs aiohttp and uvicorn ({exc}): pip install 'auditpipe[proxy]'"
         ) from None
     sock = _serve.bind(cfg.host, cfg.port)
     producer = AuditProducer(settings)
@@ -221,12 +224,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_receive(args: argparse.Namespace) -> int:
     """The KServe inference-logger receiver (see producer/kserve.py)."""
     settings = _settings(args)
-    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    if updates:
-        from .settings import ReceiverSettings, validate_model
-
-        merged = {**settings.receiver.model_dump(), **updates}
-        settings.receiver = validate_model(ReceiverSettings, merged, "command line", "receiver")
+    _override(settings, "receiver", host=args.host, port=args.port)
     cfg = settings.receiver
     try:
         from auditpipe.producer import AuditProducer, _serve
