@@ -235,7 +235,7 @@ def decode_body(data: bytes, encoding: str, max_bytes: int) -> tuple[bytes | Non
                 if z is None:
                     return None, cut
                 out = z.decompress(data, max_bytes)
-                cut = cut or not z.needs_input
+                cut = cut or (not z.eof and not z.needs_input)  # more output was left
             else:  # br among them: no brotli binding bounds its output
                 return None, cut
                 return None, cut

@@ -336,6 +336,36 @@ class TestUpstreamFailures:
         assert b"upstream_unreachable" in down.stderr  # counted, and logged once
 
 
+class TestDecodeBody:
+    """Content-encoded captures are decoded for the event, never past the size bound."""
+
+    def test_codings_and_the_bound(self) -> None:
+        import gzip
+        import zlib
+
+        from auditpipe.producer._event import decode_body
+
+        body = b'{"a": "' + b"x" * 100_000 + b'"}'
+        assert decode_body(gzip.compress(body), "gzip", 1 << 20) == (body, False)
+        raw = zlib.compressobj(wbits=-15)
+        assert decode_body(raw.compress(body) + raw.flush(), "deflate", 1 << 20) == (body, False)
+        assert decode_body(zlib.compress(body), "deflate", 1 << 20) == (body, False)
+        assert decode_body(gzip.compress(gzip.compress(body)), "gzip, gzip", 1 << 20)[0] == body
+        bomb = gzip.compress(b"0" * 50_000_000)  # 50 MB from ~50 KB
+        out, cut = decode_body(bomb, "gzip", 4096)
+        assert out is not None and len(out) == 4096 and cut is True
+        assert decode_body(b"\x8b\x00garbage", "br", 4096) == (None, False)  # no bounded brotli
+        assert decode_body(b"not gzip", "gzip", 4096)[0] is None
+
+    def test_zstd_when_available(self) -> None:
+        zstd = pytest.importorskip("backports.zstd")  # the standard library's from 3.14
+        from auditpipe.producer._event import decode_body
+
+        body = b"y" * 10_000
+        assert decode_body(zstd.compress(body), "zstd", 1 << 20) == (body, False)
+        assert decode_body(zstd.compress(body), "zstd", 100) == (body[:100], True)
+
+
 class TestKafka:
     def test_proxy_to_kafka_end_to_end(self, settings: Settings, upstream: Any) -> None:
         """`auditpipe proxy` with the Kafka transport: a stored streaming exchange arrives on
