@@ -6,12 +6,16 @@
     auditpipe redact [--config FILE] [INPUT|-] [-o OUTPUT|-] [--rejects FILE]
     auditpipe sink NAME --migrate [--config FILE]                  create the sink's tables
     auditpipe broker [--port PORT]                                 the embedded broker alone
+    auditpipe proxy --upstream URL [--host H] [--port P] [--config FILE]  auditing reverse proxy
+    auditpipe ingest [--config FILE] [--follow] [--state FILE] [FILE ...|-]  audit JSONL in
+    auditpipe receive [--host H] [--port P] [--config FILE]       KServe logger receiver
     auditpipe schemas compat OLD.avsc [OLD...] NEW.avsc [--mode M] can NEW follow OLD?
     auditpipe schemas check [--dir DIR]                            every version, FULL_TRANSITIVE
     auditpipe schemas register [--config FILE]                     publish them to [registry] url
 
 Exit codes: 0 success, 1 the job failed (the message says what is missing), 2 bad usage or
-configuration (the message names the key), 3 `redact` rejected some lines, 130 interrupted.
+configuration (the message names the key), 3 `redact` rejected some lines (`ingest`: skipped
+malformed records), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import AuditpipeError, ConfigError
-from .settings import Settings, load_settings, settings_path_from_env
+from .settings import Settings, load_settings, settings_path_from_env, validate_model
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -168,6 +172,80 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _override(settings: Settings, table: str, **values: Any) -> None:
+    """Command-line options over ``[table]`` (those given); invalid ones name the key."""
+    updates = {k: v for k, v in values.items() if v is not None}
+    if updates:
+        current = getattr(settings, table)
+        merged = {**current.model_dump(), **updates}
+        setattr(settings, table, validate_model(type(current), merged, "command line", table))
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    """The auditing reverse proxy in front of ``--upstream`` (see producer/proxy.py)."""
+    settings = _settings(args)
+    _override(settings, "proxy", upstream=args.upstream, host=args.host, port=args.port)
+    cfg = settings.proxy
+    if not cfg.upstream:
+        raise ConfigError(
+            "proxy.upstream is not set: pass --upstream http://HOST:PORT (or [proxy] upstream in "
+            "the settings file, or AUDITPIPE_PROXY_UPSTREAM)"
+        )
+    try:
+        from auditpipe.producer import AuditMiddleware, AuditProducer, _serve
+        from auditpipe.producer.proxy import ProxyApp
+    except ImportError as exc:
+        raise ConfigError(
+            f"the proxy needs aiohttp and uvicorn ({exc}): pip install 'auditpipe[proxy]'"
+        ) from None
+    sock = _serve.bind(cfg.host, cfg.port)
+    producer = AuditProducer(settings)
+    proxy = ProxyApp(cfg.upstream, cfg)
+    app = AuditMiddleware(proxy, producer)
+    return _serve.run(
+        app,
+        producer,
+        sock,
+        f"auditpipe proxy: listening on {{url}}, forwarding to {cfg.upstream} "
+        f"(capture: {settings.producer.capture}, transport: {settings.producer.transport})",
+        on_stop=lambda: f"proxy: {dict(proxy.stats)}",
+    )
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Dynamo-style audit JSONL from files or stdin (see producer/ingest.py)."""
+    from auditpipe.producer.ingest import run_ingest
+
+    settings = _settings(args)
+    return run_ingest(settings, args.files, follow=args.follow, state_file=args.state,
+                      use_state=not args.no_state)  # fmt: skip
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    """The KServe inference-logger receiver (see producer/kserve.py)."""
+    settings = _settings(args)
+    _override(settings, "receiver", host=args.host, port=args.port)
+    cfg = settings.receiver
+    try:
+        from auditpipe.producer import AuditProducer, _serve
+        from auditpipe.producer.kserve import KServeReceiver
+    except ImportError as exc:
+        raise ConfigError(
+            f"the receiver needs uvicorn ({exc}): pip install 'auditpipe[proxy]'"
+        ) from None
+    sock = _serve.bind(cfg.host, cfg.port)
+    producer = AuditProducer(settings)
+    receiver = KServeReceiver(producer, cfg)
+    return _serve.run(
+        receiver,
+        producer,
+        sock,
+        "auditpipe receive: KServe logger CloudEvents on {url} (pair timeout "
+        f"{cfg.pair_timeout_secs:g} s, transport: {settings.producer.transport})",
+        on_stop=lambda: f"receiver: {receiver.snapshot()}",
+    )
+
+
 def cmd_schemas_compat(args: argparse.Namespace) -> int:
     """Exit 0 compatible, 1 not (each problem printed with its path), 2 unreadable schema."""
     from auditpipe.schemas import compat
@@ -276,6 +354,50 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     broker.add_argument("--config", help="settings file (TOML); [kafka] names the topics")
     broker.set_defaults(func=cmd_broker)
+
+    proxy = sub.add_parser(
+        "proxy",
+        help="auditing reverse proxy in front of any inference server (vLLM, TGI, Dynamo...)",
+        description="Forwards every request to --upstream unchanged (streams both ways) and "
+        "captures exchanges like AuditMiddleware, per [producer]. SIGTERM: finish requests, "
+        "flush, exit.",
+    )
+    proxy.add_argument("--upstream", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    proxy.add_argument("--host", help="listen address (default: [proxy] host, 127.0.0.1)")
+    proxy.add_argument("--port", type=int, help="listen port (default: [proxy] port, 8080)")
+    proxy.add_argument("--config", help="settings file (TOML); [proxy] and [producer]")
+    proxy.set_defaults(func=cmd_proxy)
+
+    ingest = sub.add_parser(
+        "ingest",
+        help="publish audit JSONL (Dynamo's store=true records) from files or stdin",
+        description="Takes the audit records out of a server's output (other log lines are "
+        "skipped and counted, or dead-lettered by [ingest] settings) and publishes them as "
+        "AuditEvents. Files resume from the positions in the state file. Exit 3 when "
+        "malformed records were skipped.",
+    )
+    ingest.add_argument("files", nargs="*", metavar="FILE",
+                        help="files to read; - or none: stdin")  # fmt: skip
+    ingest.add_argument("--follow", "-F", action="store_true",
+                        help="keep reading like tail -F (rotation, truncation)")  # fmt: skip
+    ingest.add_argument("--state", help="state file (default: [ingest] state_file, or one under "
+                        "$XDG_STATE_HOME/auditpipe)")  # fmt: skip
+    ingest.add_argument("--no-state", action="store_true",
+                        help="read files from their start and remember nothing")  # fmt: skip
+    ingest.add_argument("--config", help="settings file (TOML); [ingest] and [producer]")
+    ingest.set_defaults(func=cmd_ingest)
+
+    receive = sub.add_parser(
+        "receive",
+        help="receive KServe inference-logger CloudEvents, pair request and response",
+        description="Point an InferenceService's logger (mode: all) at this URL. Answers 202 "
+        "at once; pairs request and response by ce-id; a half left alone past "
+        "[receiver] pair_timeout_secs is recorded as incomplete.",
+    )
+    receive.add_argument("--host", help="listen address (default: [receiver] host, 127.0.0.1)")
+    receive.add_argument("--port", type=int, help="listen port (default: [receiver] port, 8081)")
+    receive.add_argument("--config", help="settings file (TOML); [receiver] and [producer]")
+    receive.set_defaults(func=cmd_receive)
 
     from auditpipe.schemas.compat import Mode
 

@@ -6,7 +6,7 @@ gave up on it, why, and where it came from, so it can be inspected and replayed.
 
 from __future__ import annotations
 
-H_STAGE = "auditpipe.dlq.stage"  # "decode", "step:<name>", "encode", "sink:<name>"
+H_STAGE = "auditpipe.dlq.stage"  # "decode", "step:<name>", "encode", "sink:<name>", "ingest"
 H_REASON = "auditpipe.dlq.reason"  # short tag: bad_magic, truncated, step_failed, rejected...
 H_ERROR_TYPE = "auditpipe.dlq.error_type"
 H_ERROR_MESSAGE = "auditpipe.dlq.error_message"

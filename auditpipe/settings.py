@@ -8,6 +8,9 @@ File layout (every table optional; unknown keys are rejected)::
     [runner]     sink runner batching                     -> RunnerSettings
     [source]     service / instance names put on events  -> SourceSettings
     [registry]   Confluent Schema Registry (optional)     -> RegistrySettings
+    [proxy]      the auditing reverse proxy               -> ProxySettings
+    [ingest]     audit JSONL from files / stdin           -> IngestSettings
+    [receiver]   the KServe inference-logger receiver     -> ReceiverSettings
     [sinks.NAME] the settings of sink NAME (validated by that sink's own model)
     [pipeline]   processor steps and [pipeline.STEP] tables (validated by auditpipe.processors)
 
@@ -238,6 +241,129 @@ class RegistrySettings(StrictModel):
     ] = "FULL_TRANSITIVE"
 
 
+class ProxySettings(StrictModel):
+    """``[proxy]``: ``auditpipe proxy``, the auditing reverse proxy in front of any server.
+
+    Capture follows ``[producer]`` (paths, gating, header allowlist, caps). See README
+    "Attach to any inference server".
+    """
+
+    upstream: str | None = Field(
+        None,
+        description="base URL of the inference server, e.g. http://127.0.0.1:8000 (a path is a"
+        " prefix: http://host/base + /v1/x -> http://host/base/v1/x); --upstream sets it",
+    )
+    host: str = Field("127.0.0.1", description="address the proxy listens on")
+    port: int = Field(8080, ge=0, le=65535, description="port the proxy listens on (0: any)")
+    connect_timeout_secs: float = Field(
+        5.0, gt=0, description="establishing an upstream connection; past it the client gets 504"
+    )
+    read_timeout_secs: float = Field(
+        600.0,
+        gt=0,
+        description="longest wait for the upstream's response headers or its next body chunk"
+        " (a long generation before the first byte needs a long one); past it: 504",
+    )
+    pool_timeout_secs: float = Field(
+        10.0, gt=0, description="waiting for a free upstream connection (at max_connections)"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="upstream connections open at most (busy and idle)"
+    )
+    keepalive_expiry_secs: float = Field(
+        30.0, gt=0, description="an idle upstream connection is closed after this long"
+    )
+    forwarded_headers: bool = Field(
+        True,
+        description="add X-Forwarded-For/-Proto/-Host for the upstream (the client's address)",
+    )
+    preserve_host: bool = Field(
+        False, description="send the client's Host header upstream instead of the upstream's"
+    )
+
+    @field_validator("upstream")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) < 1:
+                raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
+
+
+class IngestSettings(StrictModel):
+    """``[ingest]``: ``auditpipe ingest``, Dynamo-style audit JSONL from files or stdin."""
+
+    state_file: str | None = Field(
+        None,
+        description="where the read positions of files are kept (default: "
+        "$XDG_STATE_HOME/auditpipe/ingest-<hash of the paths>.json); --state sets it",
+    )
+    start_at: Literal["beginning", "end"] = Field(
+        "beginning",
+        description="where a file without a saved position is read from (end: like tail -F)",
+    )
+    poll_interval_secs: float = Field(
+        0.25, gt=0, description="--follow: how often files are checked for new lines/rotation"
+    )
+    rotate_wait_secs: float = Field(
+        5.0,
+        ge=0,
+        description="--follow: a rotated (renamed) file is still read this long after the new"
+        " one appeared, for what the writer adds before it reopens",
+    )
+    batch_max_lines: int = Field(
+        1000,
+        ge=1,
+        description="lines read, published and flushed before their position is saved (at most"
+        " producer.queue_max_events)",
+    )
+    max_line_bytes: int = Field(
+        16_777_216, ge=1024, description="a longer line is skipped (counted as too_long)"
+    )
+    on_malformed: Literal["skip", "dlq"] = Field(
+        "skip",
+        description="an audit record that cannot be read (broken JSON, wrong types): skip"
+        " (counted) or send the line to kafka.dlq_topic with the reason",
+    )
+    on_other: Literal["skip", "dlq"] = Field(
+        "skip",
+        description="a line that is not an audit record (the server's other log lines): skip"
+        " (counted) or send it to kafka.dlq_topic",
+    )
+    default_endpoint: str = Field(
+        "/v1/chat/completions", description="endpoint of records that do not name one"
+    )
+
+
+class ReceiverSettings(StrictModel):
+    """``[receiver]``: ``auditpipe receive``, the KServe inference-logger receiver."""
+
+    host: str = Field("127.0.0.1", description="address the receiver listens on")
+    port: int = Field(8081, ge=0, le=65535, description="port the receiver listens on (0: any)")
+    pair_timeout_secs: float = Field(
+        60.0,
+        gt=0,
+        description="a request whose response has not come after this long is recorded as"
+        " incomplete (KServe logs responses of status 200 only); likewise a lone response",
+    )
+    max_pending: int = Field(
+        10_000, ge=1, description="requests/responses waiting for their other half, at most"
+    )
+    max_pending_bytes: int = Field(
+        268_435_456,
+        ge=1024,
+        description="their payload bytes, at most; beyond either limit the oldest is recorded"
+        " unpaired at once (counted as evicted)",
+    )
+    max_body_bytes: int = Field(
+        67_108_864, ge=1024, description="a larger CloudEvent is refused with 413"
+    )
+    capture: Literal["all", "store"] = Field(
+        "all",
+        description='all: every exchange the logger sends; store: only requests with "store": true',
+    )
+
+
 class Settings(StrictModel):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
@@ -245,13 +371,17 @@ class Settings(StrictModel):
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     source: SourceSettings = Field(default_factory=SourceSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     sinks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     pipeline: dict[str, Any] = Field(
         default_factory=dict, description="processor chain; validated by auditpipe.processors"
     )
 
 
-_TABLES = ("kafka", "producer", "processors", "runner", "source", "registry")
+_TABLES = ("kafka", "producer", "processors", "runner", "source", "registry", "proxy", "ingest",
+           "receiver")  # fmt: skip
 
 
 def load_settings(

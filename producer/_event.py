@@ -7,9 +7,12 @@ own task (the middleware calls it before the app runs).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
+import uuid
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -172,6 +175,66 @@ def error_of(output: Any, status: int | None, exc: BaseException | None) -> dict
     return {"type": f"http_{status}", "message": ""}
 
 
+def derived_event_id(ts_ms: int | None, *parts: str | bytes) -> str:
+    """A deterministic event id for an exchange read from a record (a log line, a CloudEvent):
+    the same ``parts`` always give the same id, so a record read twice (a restart, a
+    redelivery) is deduplicated by the sinks, which are idempotent by ``event_id``.
+
+    Laid out like the UUIDv7 of live captures (48-bit Unix milliseconds first, so ids sort by
+    time), but version 8 ("custom", RFC 9562): the other 74 bits are a SHA-256 of ``parts``.
+    Without a timestamp the time bits come from the hash too.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\x00")
+    h = int.from_bytes(digest.digest()[:16], "big")
+    ms = (h >> 80) if ts_ms is None or ts_ms < 0 else ts_ms
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x8 << 76 | (h >> 64 & 0xFFF) << 64 | 0b10 << 62
+    return str(uuid.UUID(int=value | (h & ((1 << 62) - 1))))
+
+
+def _zstd_decompressor() -> Any:
+    for name in ("compression.zstd", "backports.zstd"):  # the standard library from 3.14
+        try:
+            return importlib.import_module(name).ZstdDecompressor()
+        except ImportError:
+            continue
+    return None
+
+
+def decode_body(data: bytes, encoding: str, max_bytes: int) -> tuple[bytes | None, bool]:
+    """Undo an HTTP ``content-encoding`` (gzip, deflate, zstd; several in order) for
+    capture: (the decoded bytes, or None when a coding is unknown, not installed or the data is
+    corrupt; whether the output was cut at ``max_bytes``, so a small body cannot expand into a
+    huge one on the sender thread)."""
+    cut = False
+    for coding in reversed([c.strip().lower() for c in encoding.split(",") if c.strip()]):
+        if coding == "identity":
+            continue
+        try:
+            if coding in ("gzip", "x-gzip", "deflate"):
+                wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS
+                if coding == "deflate" and data[:1] and data[0] & 0x0F != 8:
+                    wbits = -zlib.MAX_WBITS  # raw deflate, as some servers send it
+                d = zlib.decompressobj(wbits)
+                out = d.decompress(data, max_bytes)
+                cut = cut or bool(d.unconsumed_tail)
+            elif coding == "zstd":
+                z = _zstd_decompressor()
+                if z is None:
+                    return None, cut
+                out = z.decompress(data, max_bytes)
+                cut = cut or (not z.eof and not z.needs_input)  # more output was left
+            else:  # br among them: no brotli binding bounds its output
+                return None, cut
+                return None, cut
+        except Exception:
+            return None, cut
+        data = out
+    return data, cut
+
+
 def parse_json(data: bytes) -> Any:
     """JSON body, or a marker saying what it was when it is not JSON."""
     if not data:
@@ -191,9 +254,10 @@ class Exchange:
     __slots__ = (
         "allowlist", "cfg", "chunks", "collect_truncated", "endpoint", "exc", "extra_chunks",
         "forced", "headers", "incomplete", "latency_ms", "metadata", "method", "model_hint",
-        "provider", "provider_request_id", "request", "request_bytes", "request_id", "response",
-        "response_bytes", "response_is_json", "response_is_sse", "span_id", "status",
-        "store_header", "streamed", "trace_id", "traceparent", "ts_ms", "ttft_ms",
+        "overrides", "provider", "provider_request_id", "request", "request_bytes",
+        "request_encoding", "request_id", "response", "response_bytes", "response_encoding",
+        "response_is_json", "response_is_sse", "span_id", "status", "store_header", "streamed",
+        "trace_id", "traceparent", "ts_ms", "ttft_ms",
     )  # fmt: skip
 
     def __init__(self, endpoint: str, method: str = "POST", ts_ms: int = 0) -> None:
@@ -228,6 +292,11 @@ class Exchange:
         self.provider_request_id: str | None = None
         self.cfg: ProducerSettings | None = None  # set when the exchange is emitted as is
         self.allowlist: frozenset[str] = frozenset()
+        # content-encoding of the captured bytes (a proxy passes compressed bodies through)
+        self.request_encoding: bytes | str | None = None
+        self.response_encoding: bytes | str | None = None
+        # fields set on the event as given (event_id, error, tags... of a record read back)
+        self.overrides: dict[str, Any] | None = None
 
     def __call__(self) -> Event | None:
         """The event (see :func:`build`) with ``cfg`` and ``allowlist``: the middleware emits
@@ -263,6 +332,8 @@ def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Even
     """The event for ``x``, or None when it is not to be captured (gating)."""
     if isinstance(x.response_bytes, list):
         x.response_bytes = b"".join(x.response_bytes)
+    if x.request_encoding or x.response_encoding:
+        _decode_bodies(x, cfg.max_payload_bytes * 4)
     body = x.request
     if body is None and x.request_bytes is not None:
         body = parse_json(x.request_bytes)
@@ -303,7 +374,7 @@ def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Even
     error = error_of(output, status, x.exc)
     capped_in, t_in = cap_payload(body, cfg.max_payload_bytes)
     capped_out, t_out = cap_payload(output, cfg.max_payload_bytes)
-    return _event(
+    event = _event(
         request_id=x.request_id or new_request_id(),
         ts_ms=x.ts_ms,
         endpoint=x.endpoint,
@@ -329,3 +400,30 @@ def build(x: Exchange, cfg: ProducerSettings, allowlist: frozenset[str]) -> Even
         provider=x.provider,
         provider_request_id=x.provider_request_id,
     )
+    if x.overrides:
+        event.update(x.overrides)
+    return event
+
+
+def _decode_bodies(x: Exchange, max_bytes: int) -> None:
+    """Decode content-encoded captured bodies in place; a body that cannot be decoded becomes
+    a marker naming its encoding (never the compressed bytes parsed as JSON)."""
+    for attr, enc_attr in (("request_bytes", "request_encoding"),
+                           ("response_bytes", "response_encoding")):  # fmt: skip
+        encoding, data = getattr(x, enc_attr), getattr(x, attr)
+        if not encoding or not data:
+            continue
+        if isinstance(encoding, bytes):
+            encoding = encoding.decode("latin-1")
+        decoded, cut = decode_body(data, encoding, max_bytes)
+        x.collect_truncated = x.collect_truncated or cut
+        if decoded is not None:
+            setattr(x, attr, decoded)
+            continue
+        marker = {"_auditpipe_non_json_body": True, "bytes": len(data),
+                  "content_encoding": encoding}  # fmt: skip
+        setattr(x, attr, None)
+        if attr == "request_bytes":
+            x.request = marker
+        else:
+            x.response, x.response_is_sse = marker, False

@@ -3,11 +3,13 @@
 What the client receives is not changed: every ``http.response.body`` message is forwarded as it
 comes (SSE stays unbuffered), with the same bytes. The one addition is ``x-request-id`` on
 responses of captured paths when the app did not set one (``return_request_id``): the request's
-own id, or the one generated for it. The request path only keeps references to the body messages
-and takes a few timestamps; gating, JSON parsing, SSE assembly and building the event run on the
-producer's sender thread (the middleware emits a function that builds the event). Exceptions of
-the app propagate unchanged after they were recorded; failures of capture are counted by the
-producer, never raised.
+own id, or the one generated for it (which the app finds in ``scope["auditpipe.request_id"]``).
+Content-encoded bodies (``content-encoding: gzip``, as a proxied server may send them) are
+captured as they pass and decoded when the event is built. The request path only keeps
+references to the body messages and takes a few timestamps; gating, JSON parsing, SSE assembly
+and building the event run on the producer's sender thread (the middleware emits a function
+that builds the event). Exceptions of the app propagate unchanged after they were recorded;
+failures of capture are counted by the producer, never raised.
 
 Captured paths (``producer.capture_paths``): the OpenAI-compatible endpoints and the Open
 Inference Protocol v2 ``/v2/models/{name}[/versions/{version}]/infer`` by default; ``{param}``
@@ -35,6 +37,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _STORE_TRUE = (b"true", b"1", b"yes", b"on")
+
+#: Scope key under which the middleware leaves the request id it generated for a captured
+#: request that came without ``x-request-id`` (the wrapped app may pass it on).
+REQUEST_ID_SCOPE_KEY = "auditpipe.request_id"
 
 
 def compile_paths(patterns: Iterable[str]) -> re.Pattern[str]:
@@ -113,8 +119,13 @@ class AuditMiddleware:
                 x.forced = x.store_header = value.strip().lower() in _STORE_TRUE
             elif name == b"traceparent":
                 x.traceparent = value.decode("latin-1")
+            elif name == b"content-encoding":
+                x.request_encoding = value
         x.headers = raw_headers  # filtered and decoded on the sender thread
-        x.request_id = request_id or _event.new_request_id()
+        if request_id is None:
+            # the app sees the id it will be recorded under (the proxy forwards it upstream)
+            request_id = scope[REQUEST_ID_SCOPE_KEY] = _event.new_request_id()
+        x.request_id = request_id
         x.trace_id, x.span_id = _event.current_trace()
         if self._name_groups:
             for key in self._name_groups:
@@ -177,6 +188,8 @@ class AuditMiddleware:
                         x.response_is_json = b"json" in ctype
                     elif lk == b"x-request-id":
                         has_id = True
+                    elif lk == b"content-encoding":
+                        x.response_encoding = v
                 if add_id is not None and not has_id:
                     message = dict(message)
                     message["headers"] = [*resp_headers, add_id]
@@ -201,7 +214,7 @@ class AuditMiddleware:
     ) -> None:
         try:
             raw = request_body[0] if len(request_body) == 1 else b"".join(request_body)
-            if not (self._capture_all or x.forced or b'"store"' in raw):
+            if not (self._capture_all or x.forced or b'"store"' in raw or x.request_encoding):
                 return  # cheap gate; the exact one runs when the event is built
             if not state["finished"]:
                 x.incomplete = True

@@ -76,3 +76,24 @@ class TestRedactionBenchmarks:
         out = json.loads(result.stdout)
         assert {"recall", "precision", "recall_by_kind", "lookalikes_kept_by_kind"} <= set(out)
         assert "CREDENTIAL_HEADER" in out["recall_by_kind"] and out["secrets"] > 5000
+
+
+class TestProxyBench:
+    def test_prints_latency_throughput_and_ratios_as_json(self) -> None:
+        """Direct and proxied runs, non-streaming and streaming, with the Kafka capture check."""
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "proxy_bench.py"),
+             "--latency-requests", "20", "--throughput-requests", "40", "--rounds", "1",
+             "--concurrency", "4"],
+            capture_output=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        for mode in ("non_streaming", "streaming"):
+            summary = out[mode]
+            assert set(summary["latency_ms_median"]) == {"direct", "proxy", "proxy_capture_off"}
+            assert summary["throughput_ratio_proxy_over_direct"] > 0
+            assert set(summary["added_latency_ms"]) == {"p50", "p99"}
+        captured = out["captured"]
+        # each run: its requests plus as many warm-up requests (at most 50)
+        assert captured["distinct_event_ids"] == captured["proxied_requests"] == 2 * (40 + 80)

@@ -8,11 +8,12 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("faust", "boto3", "pymongo", "psycopg", "mode")
+HEAVY = ("faust", "boto3", "pymongo", "psycopg", "mode", "starlette", "httpx", "uvicorn", "aiohttp")
 
 
 def test_importing_the_producer_imports_no_heavy_dependency() -> None:
-    """`import auditpipe.producer` must not pull faust, boto3, pymongo or psycopg."""
+    """`import auditpipe.producer` pulls no faust, boto3, pymongo, psycopg, nor the doors' aiohttp,
+    httpx, uvicorn and starlette."""
     code = (
         "import sys, auditpipe.producer\n"
         f"heavy = [m for m in sys.modules if m.split('.')[0] in {HEAVY!r}]\n"
