@@ -196,7 +196,10 @@ class EmbeddedPostgres:
             users = self._live_users()
             users.pop(str(os.getpid()), None)
             self._write_users(users)
-            if not users and self.is_running():
+            running = self.is_running()
+            log.info("embedded PostgreSQL: released by %d; users left %s, running %s",
+                     os.getpid(), sorted(users), running)  # fmt: skip
+            if not users and running:
                 try:
                     self._pg_ctl("-m", "fast", "-w", "stop")
                 except EmbeddedPostgresError as exc:
