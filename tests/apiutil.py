@@ -53,11 +53,14 @@ def captured_events(plain: int = 40) -> tuple[list[Event], dict[str, Any]]:
                 rid = f"plain-{i:03d}"
                 got[rid] = client.chat.completions.create(
                     model="demo-echo-1" if i % 4 else "demo-echo-large",
-                    messages=[{"role": "system", "content": "Be brief."},
-                              {"role": "user", "content": f"Question {i}?"}],
-                    store=True, metadata={"team": "a" if i % 2 else "b", "seq": str(i)},
+                    messages=[
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": f"Question {i}?"},
+                    ],
+                    store=True,
+                    metadata={"team": "a" if i % 2 else "b", "seq": str(i)},
                     extra_headers={"x-request-id": rid},
-                )  # fmt: skip
+                )
             for rid, options in [
                 ("stream-usage", {"stream_options": {"include_usage": True}}),
                 ("stream-bare", {}),
@@ -65,25 +68,37 @@ def captured_events(plain: int = 40) -> tuple[list[Event], dict[str, Any]]:
             ]:
                 content = "call the weather" if rid == "stream-tool" else "Tell me a story"
                 stream = client.chat.completions.create(
-                    model="demo-echo-1", messages=[{"role": "user", "content": content}],
-                    store=True, stream=True, metadata={"kind": "stream"},
-                    extra_headers={"x-request-id": rid}, **options,
-                )  # fmt: skip
+                    model="demo-echo-1",
+                    messages=[{"role": "user", "content": content}],
+                    store=True,
+                    stream=True,
+                    metadata={"kind": "stream"},
+                    extra_headers={"x-request-id": rid},
+                    **options,
+                )
                 got[rid] = list(stream)
             got["pii"] = client.chat.completions.create(
-                model="demo-echo-1", messages=[{"role": "user", "content": PII}],
-                store=True, metadata={"kind": "pii"}, extra_headers={"x-request-id": "pii"},
-            )  # fmt: skip
+                model="demo-echo-1",
+                messages=[{"role": "user", "content": PII}],
+                store=True,
+                metadata={"kind": "pii"},
+                extra_headers={"x-request-id": "pii"},
+            )
             got["tool"] = client.chat.completions.create(
-                model="demo-echo-1", messages=[{"role": "user", "content": "call home"}],
-                tools=TOOLS, store=True, metadata={"kind": "tool"},  # type: ignore[arg-type]
+                model="demo-echo-1",
+                messages=[{"role": "user", "content": "call home"}],
+                tools=TOOLS,
+                store=True,
+                metadata={"kind": "tool"},  # type: ignore[arg-type]
                 extra_headers={"x-request-id": "tool"},
-            )  # fmt: skip
+            )
             try:
                 client.chat.completions.create(
-                    model="no-such-model", messages=[{"role": "user", "content": "hi"}],
-                    store=True, extra_headers={"x-request-id": "error"},
-                )  # fmt: skip
+                    model="no-such-model",
+                    messages=[{"role": "user", "content": "hi"}],
+                    store=True,
+                    extra_headers={"x-request-id": "error"},
+                )
             except openai.NotFoundError:
                 pass
         assert producer.flush(10)
@@ -97,10 +112,16 @@ def captured_events(plain: int = 40) -> tuple[list[Event], dict[str, Any]]:
             event = step(event)
         processed.append(event)
     processed.append(
-        new_event(request_id="embedding", endpoint="/v1/embeddings", model="emb-1",
-                  status_code=200, store=True, input={"model": "emb-1", "input": "hello"},
-                  output={"object": "list", "data": [{"embedding": [0.1, 0.2]}]})
-    )  # fmt: skip
+        new_event(
+            request_id="embedding",
+            endpoint="/v1/embeddings",
+            model="emb-1",
+            status_code=200,
+            store=True,
+            input={"model": "emb-1", "input": "hello"},
+            output={"object": "list", "data": [{"embedding": [0.1, 0.2]}]},
+        )
+    )
     return processed, got
 
 
@@ -159,8 +180,7 @@ class ApiServer:
 def api_server(dsn: str, events: list[Event], **serve: Any) -> Iterator[ApiServer]:
     schema = new_schema()
     load(dsn, schema, events)
-    keys = {"api_keys": [RW_KEY, {"name": "alice", "key": NAMED_KEY}],
-            "read_api_keys": [READ_KEY]}  # fmt: skip
+    keys = {"api_keys": [RW_KEY, {"name": "alice", "key": NAMED_KEY}], "read_api_keys": [READ_KEY]}
     with ApiServer(dsn, schema, **{**keys, **serve}) as server:
         server.schema = schema  # type: ignore[attr-defined]
         yield server

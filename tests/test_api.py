@@ -63,9 +63,10 @@ def fresh(pg_dsn: str, events: list[Event]) -> Iterator[ApiServer]:
 def chat_ids(events: list[Event]) -> list[str]:
     """The completion ids of the stored chat completions in (time, event id) order."""
     chats = [
-        e for e in events
+        e
+        for e in events
         if e["endpoint"] == "/v1/chat/completions" and (e.get("status_code") or 0) < 400
-    ]  # fmt: skip
+    ]
     chats.sort(key=lambda e: (e["ts_ms"], e["event_id"]))
     return [e["output"]["id"] for e in chats]
 
@@ -88,25 +89,27 @@ class TestList:
     ) -> None:
         expected = chat_ids(events)
         headers = {"authorization": f"Bearer {RW_KEY}"}
-        page = httpx.get(f"{shared.url}/v1/chat/completions", params={"limit": 5},
-                         headers=headers).json()  # fmt: skip
+        page = httpx.get(
+            f"{shared.url}/v1/chat/completions", params={"limit": 5}, headers=headers
+        ).json()
         assert page["object"] == "list" and page["has_more"] is True
         assert [c["id"] for c in page["data"]] == expected[:5]
         assert (page["first_id"], page["last_id"]) == (expected[0], expected[4])
-        last = httpx.get(f"{shared.url}/v1/chat/completions",
-                         params={"limit": 5, "after": expected[-3]}, headers=headers).json()  # fmt: skip
+        last = httpx.get(
+            f"{shared.url}/v1/chat/completions",
+            params={"limit": 5, "after": expected[-3]},
+            headers=headers,
+        ).json()
         assert [c["id"] for c in last["data"]] == expected[-2:] and last["has_more"] is False
         first = shared.client().chat.completions.list()
         assert len(first.data) == 20  # OpenAI's default page size
 
     def test_model_filter(self, shared: ApiServer, events: list[Event]) -> None:
-        large = [c for c in shared.client().chat.completions.list(model="demo-echo-large",
-                                                                  limit=3)]  # fmt: skip
+        large = [c for c in shared.client().chat.completions.list(model="demo-echo-large", limit=3)]
         assert len(large) == 10 and {c.model for c in large} == {"demo-echo-large"}
         assert [c.id for c in large] == [
-            i for i in chat_ids(events)
-            if by_output(events)[i]["model"] == "demo-echo-large"
-        ]  # fmt: skip
+            i for i in chat_ids(events) if by_output(events)[i]["model"] == "demo-echo-large"
+        ]
 
     def test_metadata_filter_with_one_and_two_pairs(self, shared: ApiServer) -> None:
         client = shared.client()
@@ -116,15 +119,21 @@ class TestList:
         assert [c.metadata for c in both] == [{"team": "a", "seq": "7"}]
         none = client.chat.completions.list(metadata={"team": "a", "seq": "8"})
         assert none.data == [] and none.has_more is False
-        large_a = list(client.chat.completions.list(model="demo-echo-large",
-                                                     metadata={"team": "b"}))  # fmt: skip
+        large_a = list(
+            client.chat.completions.list(model="demo-echo-large", metadata={"team": "b"})
+        )
         assert len(large_a) == 10  # every 4th request is large, all with even seq (team b)
 
     @pytest.mark.parametrize(
         ("params", "param"),
-        [({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"limit": "x"}, "limit"),
-         ({"order": "sideways"}, "order"), ({"after": "chatcmpl-nope"}, "after")],
-    )  # fmt: skip
+        [
+            ({"limit": 0}, "limit"),
+            ({"limit": 101}, "limit"),
+            ({"limit": "x"}, "limit"),
+            ({"order": "sideways"}, "order"),
+            ({"after": "chatcmpl-nope"}, "after"),
+        ],
+    )
     def test_bad_parameters_are_400s_in_openai_shape(
         self, shared: ApiServer, params: dict[str, Any], param: str
     ) -> None:
@@ -137,8 +146,11 @@ class TestList:
 
 
 def by_output(events: list[Event]) -> dict[str, Event]:
-    return {e["output"]["id"]: e for e in events if isinstance(e.get("output"), dict)
-            and "id" in e["output"]}  # fmt: skip
+    return {
+        e["output"]["id"]: e
+        for e in events
+        if isinstance(e.get("output"), dict) and "id" in e["output"]
+    }
 
 
 class TestRetrieve:
@@ -172,8 +184,10 @@ class TestRetrieve:
     def test_unknown_id_is_a_404(self, shared: ApiServer) -> None:
         with pytest.raises(openai.NotFoundError) as err:
             shared.client().chat.completions.retrieve("chatcmpl-does-not-exist")
-        assert isinstance(err.value.body, dict) and "chatcmpl-does-not-exist" in err.value.body[
-            "message"]  # fmt: skip
+        assert (
+            isinstance(err.value.body, dict)
+            and "chatcmpl-does-not-exist" in err.value.body["message"]
+        )
 
     def test_a_record_can_also_be_fetched_by_its_event_id(
         self, shared: ApiServer, events: list[Event]
@@ -212,13 +226,17 @@ class TestRetrieve:
 
 
 class TestMessages:
-    def test_messages_have_stable_ids_and_page(self, shared: ApiServer, got: dict[str, Any]) -> None:
+    def test_messages_have_stable_ids_and_page(
+        self, shared: ApiServer, got: dict[str, Any]
+    ) -> None:
         cid = got["plain-003"].id
         client = shared.client()
         messages = list(client.chat.completions.messages.list(cid, limit=1))
         assert [m.id for m in messages] == [f"{cid}-0", f"{cid}-1"]
         assert [(m.role, m.content) for m in messages] == [
-            ("system", "Be brief."), ("user", "Question 3?")]  # fmt: skip
+            ("system", "Be brief."),
+            ("user", "Question 3?"),
+        ]
         again = client.chat.completions.messages.list(cid, order="desc")
         assert [m.id for m in again.data] == [f"{cid}-1", f"{cid}-0"]
         assert again.has_more is False and again.first_id == f"{cid}-1"  # type: ignore[attr-defined]
@@ -227,7 +245,9 @@ class TestMessages:
         with pytest.raises(openai.NotFoundError):
             shared.client().chat.completions.messages.list("chatcmpl-nope")
 
-    def test_redacted_content_is_what_is_served(self, shared: ApiServer, got: dict[str, Any]) -> None:
+    def test_redacted_content_is_what_is_served(
+        self, shared: ApiServer, got: dict[str, Any]
+    ) -> None:
         """Only what the sink stored: the redact step's output, not what the client sent."""
         (message,) = shared.client().chat.completions.messages.list(got["pii"].id).data
         assert "jane.doe@example.com" not in (message.content or "")
@@ -265,10 +285,15 @@ class TestUpdate:
 
     @pytest.mark.parametrize(
         "metadata",
-        [{f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}, {"k": 1},
-         ["k", "v"]],
+        [
+            {f"k{i}": "v" for i in range(17)},
+            {"k" * 65: "v"},
+            {"k": "v" * 513},
+            {"k": 1},
+            ["k", "v"],
+        ],
         ids=["17-pairs", "65-char-key", "513-char-value", "not-a-string", "not-an-object"],
-    )  # fmt: skip
+    )
     def test_openai_metadata_limits_are_400s(
         self, shared: ApiServer, got: dict[str, Any], metadata: Any
     ) -> None:
@@ -278,7 +303,9 @@ class TestUpdate:
         assert isinstance(err.value.body, dict) and err.value.body["param"] == "metadata"
         assert shared.client().chat.completions.retrieve(cid).metadata == {"team": "a", "seq": "11"}
 
-    def test_the_limits_themselves_are_accepted(self, fresh: ApiServer, got: dict[str, Any]) -> None:
+    def test_the_limits_themselves_are_accepted(
+        self, fresh: ApiServer, got: dict[str, Any]
+    ) -> None:
         metadata = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}
         updated = fresh.client().chat.completions.update(got["plain-012"].id, metadata=metadata)
         assert updated.metadata == metadata
@@ -301,8 +328,7 @@ class TestUpdate:
             reader.chat.completions.update(cid, metadata={"x": "y"})
         with pytest.raises(openai.PermissionDeniedError):
             reader.chat.completions.delete(cid)
-        assert shared.client().chat.completions.retrieve(cid).metadata == {"team": "b",
-                                                                            "seq": "14"}  # fmt: skip
+        assert shared.client().chat.completions.retrieve(cid).metadata == {"team": "b", "seq": "14"}
 
 
 class TestDelete:
@@ -313,7 +339,10 @@ class TestDelete:
         cid = got["plain-020"].id
         deleted = client.chat.completions.delete(cid)
         assert (deleted.id, deleted.deleted, deleted.object) == (
-            cid, True, "chat.completion.deleted")  # fmt: skip
+            cid,
+            True,
+            "chat.completion.deleted",
+        )
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.retrieve(cid)
         with pytest.raises(openai.NotFoundError):
@@ -336,8 +365,14 @@ class TestDelete:
                 f'SELECT count(*) FROM "{schema}".requests WHERE id = %s',
                 (by_request(events)["plain-020"]["event_id"],),
             ).fetchone()
-        assert rows == [("delete", cid, by_request(events)["plain-020"]["event_id"],
-                         "key:" + __import__("hashlib").sha256(RW_KEY.encode()).hexdigest()[:12])]  # fmt: skip
+        assert rows == [
+            (
+                "delete",
+                cid,
+                by_request(events)["plain-020"]["event_id"],
+                "key:" + __import__("hashlib").sha256(RW_KEY.encode()).hexdigest()[:12],
+            )
+        ]
         assert left == (0,)
 
 
@@ -361,13 +396,17 @@ class TestAuth:
         assert httpx.get(f"{shared.url}/healthz").json() == {"status": "ok"}
 
 
-def serve_cmd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-              ) -> subprocess.Popen[str]:  # fmt: skip
+def serve_cmd(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "auditpipe", "serve", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **(env or {})}, cwd=cwd,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 def url_of(proc: subprocess.Popen[str]) -> str:
@@ -389,8 +428,9 @@ class TestServeCommand:
     ) -> None:
         config = tmp_path / "a.toml"
         config.write_text(f'[sinks.postgres]\ndsn = "{pg_dsn}"\nschema_name = "api_cli"\n')
-        proc = serve_cmd("--config", str(config), "--port", "0",
-                         env={"AUDITPIPE_SERVE_API_KEYS": "k-one, k-two"})  # fmt: skip
+        proc = serve_cmd(
+            "--config", str(config), "--port", "0", env={"AUDITPIPE_SERVE_API_KEYS": "k-one, k-two"}
+        )
         try:
             url = url_of(proc)
             assert httpx.get(f"{url}/v1/chat/completions").status_code == 401
@@ -403,8 +443,9 @@ class TestServeCommand:
 
     def test_an_unreachable_database_names_the_setting(self, tmp_path: Path) -> None:
         config = tmp_path / "a.toml"
-        config.write_text('[sinks.postgres]\ndsn = "postgresql://x@127.0.0.1:1/x"\n'
-                          "connect_timeout_secs = 1\n")  # fmt: skip
+        config.write_text(
+            '[sinks.postgres]\ndsn = "postgresql://x@127.0.0.1:1/x"\nconnect_timeout_secs = 1\n'
+        )
         proc = serve_cmd("--config", str(config), "--port", "0")
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 1 and "sinks.postgres.dsn" in err

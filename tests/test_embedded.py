@@ -39,16 +39,21 @@ def wait_until_or_none(predicate: Any, timeout_secs: float) -> bool:
 def auditpipe(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "auditpipe", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )
 
 
 class TestEmbeddedPostgres:
     def test_shared_by_processes_and_stopped_by_the_last_live_one(self, tmp_path: Path) -> None:
         """A killed user is pruned: the next process to let go stops the server."""
         data = tmp_path / "pg"
-        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(data)], stdout=subprocess.PIPE,
-                                  text=True)  # fmt: skip
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(data)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
             pg = EmbeddedPostgres(data)
@@ -79,8 +84,9 @@ class TestEmbeddedPostgres:
 class TestDevThenServe:
     def test_dev_postgres_then_serve_shows_the_twenty(self, tmp_path: Path) -> None:
         """The quick-start loop on a bare machine: no dsn, no migration, no settings."""
-        dev = auditpipe("--log-level", "INFO", "dev", "--sink", "postgres", "--requests", "20",
-                        cwd=tmp_path)  # fmt: skip
+        dev = auditpipe(
+            "--log-level", "INFO", "dev", "--sink", "postgres", "--requests", "20", cwd=tmp_path
+        )
         assert dev.returncode == 0, dev.stderr
         assert "delivered=20" in dev.stderr and "auditpipe serve" in dev.stderr
         assert (tmp_path / ".auditpipe" / "postgres" / "PG_VERSION").exists()
@@ -90,8 +96,10 @@ class TestDevThenServe:
         assert stopped, f"dev left the embedded server running:\n{dev.stderr}"
         serve = subprocess.Popen(
             [sys.executable, "-m", "auditpipe", "serve", "--port", "0"],
-            cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert serve.stderr is not None
             line = serve.stderr.readline()
@@ -109,8 +117,11 @@ class TestDevThenServe:
             serve.send_signal(signal.SIGTERM)
             serve.wait(30)
         assert serve.returncode == 0
-        wait_until(lambda: not EmbeddedPostgres(tmp_path / ".auditpipe" / "postgres").is_running(),
-                   10, "the embedded server to stop with its last user")  # fmt: skip
+        wait_until(
+            lambda: not EmbeddedPostgres(tmp_path / ".auditpipe" / "postgres").is_running(),
+            10,
+            "the embedded server to stop with its last user",
+        )
 
     def test_migrate_without_a_dsn_creates_the_embedded_store(self, tmp_path: Path) -> None:
         for _ in range(2):
@@ -118,9 +129,13 @@ class TestDevThenServe:
             assert out.returncode == 0, out.stderr
         pg = EmbeddedPostgres(tmp_path / ".auditpipe" / "postgres")
         with pg.running() as dsn, psycopg.connect(dsn) as conn:
-            tables = {r[0] for r in conn.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'auditpipe'"
-            )}  # fmt: skip
+            tables = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT table_name FROM information_schema.tables "
+                    "WHERE table_schema = 'auditpipe'"
+                )
+            }
         assert tables == {"requests", "responses", "errors", "metadata", "api_changes"}
 
 
@@ -139,8 +154,9 @@ class TestDevDefaults:
     def test_explicit_settings_win(self, tmp_path: Path) -> None:
         config = tmp_path / "a.toml"
         config.write_text('[sinks.file]\npath = "elsewhere/out.jsonl"\n')
-        out = auditpipe("dev", "--sink", "file", "--requests", "2", "--config", str(config),
-                        cwd=tmp_path)  # fmt: skip
+        out = auditpipe(
+            "dev", "--sink", "file", "--requests", "2", "--config", str(config), cwd=tmp_path
+        )
         assert out.returncode == 0, out.stderr
         assert len((tmp_path / "elsewhere" / "out.jsonl").read_text().splitlines()) == 2
         assert not (tmp_path / ".auditpipe").exists()

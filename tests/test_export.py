@@ -22,7 +22,9 @@ from .apiutil import by_request, captured_events, load, new_schema
 
 
 @pytest.fixture(scope="module")
-def stored(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[Event]]]:
+def stored(
+    pg_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, list[Event]]]:
     events, _ = captured_events(plain=12)
     schema = new_schema()
     load(pg_dsn, schema, events)
@@ -34,8 +36,10 @@ def stored(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
 def export(config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "auditpipe", "export", "--config", str(config), *args],
-        capture_output=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def lines(result: subprocess.CompletedProcess[bytes]) -> list[dict[str, Any]]:
@@ -49,8 +53,9 @@ class TestChatFormat:
     ) -> None:
         config, events = stored
         out = lines(export(config))
-        answered = [e for e in events if e["endpoint"] == "/v1/chat/completions"
-                    and e["status_code"] == 200]  # fmt: skip
+        answered = [
+            e for e in events if e["endpoint"] == "/v1/chat/completions" and e["status_code"] == 200
+        ]
         answered.sort(key=lambda e: (e["ts_ms"], e["event_id"]))
         assert len(out) == len(answered) == 17  # 12 plain, 3 streamed, pii, tool
         for row, event in zip(out, answered, strict=True):
@@ -98,8 +103,18 @@ class TestRecordsFormat:
         stored_events = {r["event_id"]: r for r in out}
         for event in events:
             row = stored_events[event["event_id"]]
-            for key in ("request_id", "endpoint", "model", "status_code", "metadata", "input",
-                        "output", "usage", "processing", "ts_ms"):  # fmt: skip
+            for key in (
+                "request_id",
+                "endpoint",
+                "model",
+                "status_code",
+                "metadata",
+                "input",
+                "output",
+                "usage",
+                "processing",
+                "ts_ms",
+            ):
                 assert row[key] == event[key], key
         pii = by_request(out)["pii"]
         assert "[REDACTED:EMAIL]" in pii["input"]["messages"][0]["content"]
@@ -108,9 +123,12 @@ class TestRecordsFormat:
 class TestBadInput:
     @pytest.mark.parametrize(
         ("args", "says"),
-        [(["--since", "last tuesday"], "--since"), (["--metadata", "team"], "KEY=VALUE"),
-         (["--limit", "-1"], "--limit")],
-    )  # fmt: skip
+        [
+            (["--since", "last tuesday"], "--since"),
+            (["--metadata", "team"], "KEY=VALUE"),
+            (["--limit", "-1"], "--limit"),
+        ],
+    )
     def test_bad_options_exit_2_naming_them(
         self, stored: tuple[Path, list[Event]], args: list[str], says: str
     ) -> None:
@@ -120,8 +138,9 @@ class TestBadInput:
 
     def test_unreachable_database_exits_1_and_leaves_no_file(self, tmp_path: Path) -> None:
         config = tmp_path / "a.toml"
-        config.write_text('[sinks.postgres]\ndsn = "postgresql://x@127.0.0.1:1/x"\n'
-                          "connect_timeout_secs = 1\n")  # fmt: skip
+        config.write_text(
+            '[sinks.postgres]\ndsn = "postgresql://x@127.0.0.1:1/x"\nconnect_timeout_secs = 1\n'
+        )
         result = export(config, "-o", str(tmp_path / "out.jsonl"))
         assert result.returncode == 1, result.stderr
         assert not list(tmp_path.glob("out.jsonl*"))
@@ -130,15 +149,21 @@ class TestBadInput:
 class TestTimeForms:
     @pytest.mark.parametrize(
         ("text", "expected"),
-        [("2026-12-01", "2026-12-01T00:00:00+00:00"),
-         ("2026-12-01T10:30:00Z", "2026-12-01T10:30:00+00:00"),
-         ("2026-12-01 11:30+01:00", "2026-12-01T10:30:00+00:00"),
-         ("90s", "2026-12-02T11:58:30+00:00"), ("2h", "2026-12-02T10:00:00+00:00"),
-         ("7d", "2026-11-25T12:00:00+00:00"), ("1w", "2026-11-25T12:00:00+00:00"),
-         ("3 days ago", "2026-11-29T12:00:00+00:00"), ("today", "2026-12-02T00:00:00+00:00"),
-         ("yesterday", "2026-12-01T00:00:00+00:00"), ("1764547200", "2025-12-01T00:00:00+00:00"),
-         ("1764547200000", "2025-12-01T00:00:00+00:00")],
-    )  # fmt: skip
+        [
+            ("2026-12-01", "2026-12-01T00:00:00+00:00"),
+            ("2026-12-01T10:30:00Z", "2026-12-01T10:30:00+00:00"),
+            ("2026-12-01 11:30+01:00", "2026-12-01T10:30:00+00:00"),
+            ("90s", "2026-12-02T11:58:30+00:00"),
+            ("2h", "2026-12-02T10:00:00+00:00"),
+            ("7d", "2026-11-25T12:00:00+00:00"),
+            ("1w", "2026-11-25T12:00:00+00:00"),
+            ("3 days ago", "2026-11-29T12:00:00+00:00"),
+            ("today", "2026-12-02T00:00:00+00:00"),
+            ("yesterday", "2026-12-01T00:00:00+00:00"),
+            ("1764547200", "2025-12-01T00:00:00+00:00"),
+            ("1764547200000", "2025-12-01T00:00:00+00:00"),
+        ],
+    )
     def test_forms(self, text: str, expected: str) -> None:
         import datetime as dt
 
@@ -146,7 +171,7 @@ class TestTimeForms:
         assert parse_time(text, now).isoformat() == expected
 
     def test_nonsense_lists_the_forms(self) -> None:
-        with pytest.raises(TimeParseError, match="ISO-8601.*relative"):
+        with pytest.raises(TimeParseError, match=r"ISO-8601.*relative"):
             parse_time("next week")
 
 

@@ -17,8 +17,13 @@ from auditpipe.schemas import Event
 from .apiutil import READ_KEY, ApiServer, api_server, by_request, captured_events
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,9 @@ def rows(page: Any) -> list[str]:
 
 
 class TestList:
-    def test_pages_newest_first_and_back(self, server: ApiServer, page: Any, tmp_path: Path) -> None:
+    def test_pages_newest_first_and_back(
+        self, server: ApiServer, page: Any, tmp_path: Path
+    ) -> None:
         page.goto(server.url + "/")
         first = rows(page)
         assert len(first) == 10
