@@ -90,6 +90,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # connections wait in the backlog from now on, until uvicorn accepts
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on {host}:{port} ([serve] host / port): {exc.strerror or exc}"

@@ -42,7 +42,7 @@ from auditpipe.sinks.postgres import (
 from auditpipe.settings import ServeSettings
 
 CHAT_WITH_ANSWER = (
-    f"{CHAT_COMPLETIONS_PREDICATE} AND jsonb_typeof(r.raw_response->'choices') = 'array'"
+    f"{CHAT_COMPLETIONS_PREDICATE} AND r.raw_response ? 'choices'"
 )
 
 
@@ -130,7 +130,10 @@ class Store:
             configure=configure, timeout=self.config.connect_timeout_secs,
             kwargs={"application_name": "auditpipe-serve",
                     "connect_timeout": max(1, int(self.config.connect_timeout_secs)),
-                    "options": f"-c statement_timeout={timeout_ms}"},
+                    "options": f"-c statement_timeout={timeout_ms}",
+                    # a plan per query, made for its values: one generic (prepared) plan
+                    # cannot tell a metadata filter matching one row from one matching many
+                    "prepare_threshold": None},
         )  # fmt: skip
         await self._pool.open(wait=True, timeout=self.config.connect_timeout_secs)
 

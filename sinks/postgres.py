@@ -173,6 +173,9 @@ def _read_side_sql(s: str) -> str:
 ALTER TABLE {s}.metadata ADD COLUMN IF NOT EXISTS api_metadata JSONB;
 CREATE INDEX IF NOT EXISTS metadata_caller_metadata_idx ON {s}.metadata
     USING gin ((COALESCE(api_metadata, metadata->'metadata')) jsonb_path_ops);
+-- a finer sample of caller metadata: the planner then tells a filter matching 0.1% of the
+-- records (read through this index) from one matching 10% (read in time order)
+ALTER INDEX {s}.metadata_caller_metadata_idx ALTER COLUMN 1 SET STATISTICS 1000;
 CREATE INDEX IF NOT EXISTS responses_completion_id_idx ON {s}.responses
     ((raw_response->>'id'), id);
 CREATE INDEX IF NOT EXISTS requests_chat_created_idx ON {s}.requests ("timestamp", id)
@@ -180,6 +183,12 @@ CREATE INDEX IF NOT EXISTS requests_chat_created_idx ON {s}.requests ("timestamp
 CREATE INDEX IF NOT EXISTS requests_chat_model_created_idx ON {s}.requests
     (model, "timestamp", id) WHERE right(endpoint, 17) = '/chat/completions';
 CREATE INDEX IF NOT EXISTS requests_timestamp_id_idx ON {s}.requests ("timestamp", id);
+DO $$ BEGIN  -- PostgreSQL 14+: how many requests are chat completions (the planner's estimate)
+    IF current_setting('server_version_num')::int >= 140000 THEN
+        EXECUTE 'CREATE STATISTICS IF NOT EXISTS {s}.requests_chat_stats '
+             || 'ON (right(endpoint, 17)) FROM {s}.requests';
+    END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS {s}.{API_CHANGES_TABLE} (
     id TEXT PRIMARY KEY,               -- the change's own event id (time-ordered)
     "timestamp" TIMESTAMPTZ NOT NULL,  -- when
