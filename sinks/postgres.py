@@ -1,5 +1,8 @@
 """postgres: the inference-log schema (requests, responses, errors, metadata) in PostgreSQL.
 
+Where: ``dsn``, or with no ``dsn`` the embedded PostgreSQL (``auditpipe.embedded_pg``, data in
+``embedded_data_dir``) that ``auditpipe serve`` and ``export`` share.
+
 Tables, in ``schema_name`` (created by ``auditpipe sink postgres --migrate``, or at start with
 ``auto_migrate = true``); every id is the event's ``event_id`` (TEXT, time-ordered)::
 
@@ -23,6 +26,10 @@ way: COPYed into a temporary staging table and moved with ``INSERT ... SELECT ..
 does not reproduce exactly, e.g. a non-string ``model``, take that way too.) Connection errors
 are retriable; data PostgreSQL refuses (for example a ``\\u0000`` in JSON) is a permanent
 error, which the runner narrows down to the event.
+
+The read side (``auditpipe.api``) adds, through the same idempotent migration, the column
+``metadata.api_metadata``, the table ``api_changes`` and its indexes; see "The read side's
+public interface" below.
 
 Retention: with ``retention_days`` set, requests older than that (and, by cascade, their
 other rows) are deleted every ``retention_interval_secs``.
