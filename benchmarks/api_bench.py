@@ -40,7 +40,7 @@ from benchmarks.bulkload import bulk_load  # noqa: E402
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def measure(client: Any, url: str, params: dict[str, Any], n: int) -> dict[str, float]:
@@ -52,7 +52,10 @@ def measure(client: Any, url: str, params: dict[str, Any], n: int) -> dict[str, 
         response = client.get(url, params=params)
         times.append((time.perf_counter() - t0) * 1000)
         response.raise_for_status()
-    return {"p50_ms": round(statistics.median(times), 2), "p99_ms": round(percentile(times, 0.99), 2)}
+    return {
+        "p50_ms": round(statistics.median(times), 2),
+        "p99_ms": round(percentile(times, 0.99), 2),
+    }
 
 
 def peak_rss_export(config: Path, limit: int | None, out: Path) -> dict[str, float]:
@@ -123,7 +126,7 @@ def run(dsn: str, rows: int, requests: int, workdir: Path) -> dict[str, Any]:
     thread.join(10)
     base_p50 = latency["baseline_healthz_select_1"]["p50_ms"]
     cfg = workdir / "bench.toml"
-    cfg.write_text(f"[sinks.postgres]\ndsn = {json.dumps(dsn)}\nschema_name = \"{schema}\"\n")
+    cfg.write_text(f'[sinks.postgres]\ndsn = {json.dumps(dsn)}\nschema_name = "{schema}"\n')
     small = peak_rss_export(cfg, min(10_000, rows), workdir / "small.jsonl")
     large = peak_rss_export(cfg, None, workdir / "large.jsonl")
     with psycopg.connect(dsn) as conn:
