@@ -25,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
-import orjson
 from auditpipe.sinks.postgres import (
     CHAT_COMPLETIONS_PREDICATE,
     PostgresConfig,
     caller_metadata_sql,
     event_json_sql,
 )
+
+from .store import filter_conditions
 
 PROGRESS_EVERY_SECS = 2.0
 
@@ -61,7 +62,6 @@ def export_sql(schema: str, options: ExportOptions) -> tuple[str, dict[str, Any]
     s = f'"{schema}"'
     caller = caller_metadata_sql("m")
     where: list[str] = []
-    params: dict[str, Any] = {}
     if options.format == "chat":
         message = "r.raw_response->'choices'->0->'message'"
         select = f"""(jsonb_build_object(
@@ -88,18 +88,10 @@ def export_sql(schema: str, options: ExportOptions) -> tuple[str, dict[str, Any]
             f"{s}.requests q JOIN {s}.metadata m ON m.id = q.id "
             f"LEFT JOIN {s}.responses r ON r.id = q.id"
         )
-    if options.model is not None:
-        where.append("q.model = %(model)s")
-        params["model"] = options.model
-    if options.metadata:
-        where.append(f"{caller} @> %(metadata)s::jsonb")
-        params["metadata"] = orjson.dumps(options.metadata).decode()
-    if options.since is not None:
-        where.append('q."timestamp" >= %(since)s')
-        params["since"] = options.since
-    if options.until is not None:
-        where.append('q."timestamp" < %(until)s')
-        params["until"] = options.until
+    conditions, params = filter_conditions(
+        options.model, options.metadata, options.since, options.until
+    )
+    where += conditions
     sql = f"SELECT {select} FROM {source}"
     if where:
         sql += " WHERE " + " AND ".join(where)

@@ -94,6 +94,32 @@ def _served_id_sql(schema: str, p: str = "p") -> str:
         THEN {p}.id ELSE {cid} END"""
 
 
+def filter_conditions(
+    model: str | None = None,
+    metadata: dict[str, str] | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> tuple[list[str], dict[str, Any]]:
+    """SQL conditions (aliases ``q`` requests, ``m`` metadata) and their parameters for the
+    filters every reader offers: the request's model, caller metadata containment (every pair
+    must match), capture time since (inclusive) and until (exclusive)."""
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    if model:
+        where.append("q.model = %(model)s")
+        params["model"] = model
+    if metadata:
+        where.append(f"{caller_metadata_sql('m')} @> %(metadata)s::jsonb")
+        params["metadata"] = orjson.dumps(metadata).decode()
+    if since is not None:
+        where.append('q."timestamp" >= %(since)s')
+        params["since"] = since
+    if until is not None:
+        where.append('q."timestamp" < %(until)s')
+        params["until"] = until
+    return where, params
+
+
 def escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -163,14 +189,9 @@ class Store:
     ) -> tuple[list[Record], bool]:
         """A page of chat completions and whether more follow. ``after`` must resolve
         (raise :class:`LookupError` otherwise)."""
-        where = [CHAT_WITH_ANSWER]
-        params: dict[str, Any] = {"limit": limit + 1}
-        if model is not None:
-            where.append("q.model = %(model)s")
-            params["model"] = model
-        if metadata:
-            where.append(f"{caller_metadata_sql('m')} @> %(metadata)s::jsonb")
-            params["metadata"] = orjson.dumps(metadata).decode()
+        where, params = filter_conditions(model, metadata)
+        where.insert(0, CHAT_WITH_ANSWER)
+        params["limit"] = limit + 1
         async with self._pool.connection() as conn:
             if after is not None:
                 position = await self._position(conn, after)
@@ -300,21 +321,9 @@ class Store:
     ) -> tuple[list[dict[str, Any]], bool]:
         """Records of any kind, newest first, keyset-paged; (rows, more in that direction)."""
         s = self.s
-        where: list[str] = []
-        params: dict[str, Any] = {"limit": limit + 1}
+        where, params = filter_conditions(flt.model, flt.metadata, flt.since, flt.until)
+        params["limit"] = limit + 1
         caller = caller_metadata_sql("m")
-        if flt.model:
-            where.append("q.model = %(model)s")
-            params["model"] = flt.model
-        if flt.metadata:
-            where.append(f"{caller} @> %(metadata)s::jsonb")
-            params["metadata"] = orjson.dumps(flt.metadata).decode()
-        if flt.since is not None:
-            where.append('q."timestamp" >= %(since)s')
-            params["since"] = flt.since
-        if flt.until is not None:
-            where.append('q."timestamp" < %(until)s')
-            params["until"] = flt.until
         if flt.endpoint:
             where.append("q.endpoint = %(endpoint)s")
             params["endpoint"] = flt.endpoint
