@@ -12,6 +12,8 @@
     auditpipe schemas compat OLD.avsc [OLD...] NEW.avsc [--mode M] can NEW follow OLD?
     auditpipe schemas check [--dir DIR]                            every version, FULL_TRANSITIVE
     auditpipe schemas register [--config FILE]                     publish them to [registry] url
+    auditpipe serve [--config FILE] [--host H] [--port P]          stored-completions API, viewer
+    auditpipe export [--config FILE] [--format chat|records] ...   stored records as JSONL
 
 Exit codes: 0 success, 1 the job failed (the message says what is missing), 2 bad usage or
 configuration (the message names the key), 3 `redact` rejected some lines (`ingest`: skipped
@@ -308,6 +310,72 @@ def cmd_schemas_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """OpenAI's stored chat completions API and the web viewer over the postgres sink's tables."""
+    from auditpipe.api.serve import run_serve
+
+    settings = _settings(args)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        serve = settings.serve.model_copy(update=overrides)
+        settings = settings.model_copy(update={"serve": serve})
+    return run_serve(settings, _origin(args))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Stored records as JSONL (chat fine-tuning format or audit records), streamed."""
+    import os
+
+    from auditpipe.api.export import ExportOptions, run_export
+    from auditpipe.api.serve import database, parse_pairs, postgres_config
+    from auditpipe.api.timeparse import TimeParseError, parse_time
+
+    settings = _settings(args)
+    config = postgres_config(settings, _origin(args))
+    times = {}
+    for name in ("since", "until"):
+        value = getattr(args, name)
+        try:
+            times[name] = parse_time(value) if value else None
+        except TimeParseError as exc:
+            raise ConfigError(f"--{name}: {exc}") from None
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError(f"--limit must be >= 0, got {args.limit}")
+    options = ExportOptions(
+        format=args.format,
+        model=args.model,
+        metadata=parse_pairs(args.metadata, "--metadata"),
+        since=times["since"],
+        until=times["until"],
+        limit=args.limit,
+    )
+
+    def progress(message: str) -> None:
+        print(f"[auditpipe export] {message}", file=sys.stderr, flush=True)
+
+    to_stdout = args.output in (None, "-")
+    partial = None if to_stdout else f"{args.output}.partial"
+    with contextlib.ExitStack() as stack:
+        dsn = stack.enter_context(database(config))
+        out = sys.stdout.buffer if to_stdout else stack.enter_context(_open(str(partial), "wb"))
+        try:
+            report = run_export(dsn, config, options, out, progress)
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # no flush error at exit
+            return 0
+        except BaseException:
+            if partial is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(partial)
+            raise
+    if partial is not None:
+        os.replace(partial, args.output)
+    where = "stdout" if to_stdout else args.output
+    progress(f"{report.summary()} -> {where} ({args.format})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auditpipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="WARNING", help="log level for stderr (WARNING)")
@@ -398,6 +466,40 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--port", type=int, help="listen port (default: [receiver] port, 8081)")
     receive.add_argument("--config", help="settings file (TOML); [receiver] and [producer]")
     receive.set_defaults(func=cmd_receive)
+    serve = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible stored chat completions API and web viewer over the postgres sink",
+        description="Serves GET/POST/DELETE /v1/chat/completions[/ID[/messages]] as OpenAI does "
+        "and a web viewer at /. Without [sinks.postgres] dsn it uses the embedded PostgreSQL "
+        "in ./.auditpipe/postgres. Keys: [serve] api_keys (read and write), read_api_keys.",
+    )
+    serve.add_argument("--config", help="settings file (TOML): [serve], [sinks.postgres]")
+    serve.add_argument("--host", help="address to listen on (default [serve] host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default [serve] port, 8088; 0: any free)")
+    serve.set_defaults(func=cmd_serve)
+
+    export = sub.add_parser(
+        "export",
+        help="write stored records as JSONL: chat datasets or audit records",
+        description="chat: one {messages, metadata} per stored chat completion, the answer "
+        "last; records: the audit records. Times: ISO-8601 (2026-12-01, 2026-12-01T10:00Z) or "
+        "relative (90s, 15m, 2h, 7d, 2w), now, today, yesterday. Progress goes to stderr.",
+    )
+    export.add_argument("--config", help="settings file (TOML): [sinks.postgres]")
+    export.add_argument("--model", help="only records whose request named this model")
+    export.add_argument(
+        "--metadata",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only records with this metadata pair (repeatable; all must match)",
+    )
+    export.add_argument("--since", help="only records captured at or after this time")
+    export.add_argument("--until", help="only records captured before this time")
+    export.add_argument("--format", choices=["chat", "records"], default="chat",
+                        help="chat (fine-tuning/evals format, default) or records")  # fmt: skip
+    export.add_argument("--limit", type=int, help="at most this many rows")
+    export.add_argument("-o", "--output", help="output file (default: stdout, or -)")
+    export.set_defaults(func=cmd_export)
 
     from auditpipe.schemas.compat import Mode
 

@@ -74,11 +74,69 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_secs: float = 10.0) -> i
     return proc.returncode
 
 
+DEV_FILE_PATH = ".auditpipe/events.jsonl"
+DEV_BUCKET = "auditpipe-dev"
+
+
+def dev_sink_defaults(
+    settings: Settings, sink: str, stack: contextlib.ExitStack
+) -> tuple[Settings, str | None]:
+    """Settings a newcomer lacks, filled in for ``auditpipe dev`` only: the file sink writes
+    ``./.auditpipe/events.jsonl``; the s3 sink gets an embedded moto S3 server (in memory,
+    gone when dev exits) with the bucket ``auditpipe-dev``; the postgres sink needs nothing
+    (no dsn: the embedded PostgreSQL). Settings given explicitly win. Returns the settings and
+    a sentence saying where the events go."""
+    table = dict(settings.sinks.get(sink) or {})
+    where = None
+    if sink == "file" and "path" not in table:
+        table["path"] = DEV_FILE_PATH
+        where = f"events go to {os.path.abspath(DEV_FILE_PATH)}"
+    elif sink == "s3" and "bucket" not in table:
+        from moto.server import ThreadedMotoServer
+
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        stack.callback(server.stop)
+        keys = {"access_key_id": "dev", "secret_access_key": "dev", "region": "us-east-1"}
+        table.update(bucket=DEV_BUCKET, endpoint_url=f"http://127.0.0.1:{port}", path_style=True,
+                     **keys)  # fmt: skip
+        import boto3
+
+        boto3.client(
+            "s3", endpoint_url=table["endpoint_url"], aws_access_key_id="dev",
+            aws_secret_access_key="dev", region_name="us-east-1",
+        ).create_bucket(Bucket=DEV_BUCKET)  # fmt: skip
+        endpoint = table["endpoint_url"]
+        where = f"events go to s3://{DEV_BUCKET} on an embedded moto server at {endpoint}"
+    elif sink == "postgres" and not table.get("dsn"):
+        from .embedded_pg import DEFAULT_DATA_DIR
+
+        data_dir = table.get("embedded_data_dir", DEFAULT_DATA_DIR)
+        where = (f"events go to the embedded PostgreSQL in {os.path.abspath(data_dir)}; "
+                 "browse them with `auditpipe serve`")  # fmt: skip
+    else:
+        return settings, None
+    return settings.model_copy(update={"sinks": {**settings.sinks, sink: table}}), where
+
+
 async def run_dev(settings: Settings, options: DevOptions) -> int:
+    with contextlib.ExitStack() as stack:
+        settings, where = dev_sink_defaults(settings, options.sink, stack)
+        return await _run_dev(settings, options, where)
+
+
+async def _run_dev(settings: Settings, options: DevOptions, where: str | None) -> int:
     from auditpipe.sinks import create_sink
 
     sink = create_sink(options.sink, settings.sinks, options.origin)  # fail fast on bad config
     started = time.monotonic()
+    migrate = getattr(sink, "migrate", None)
+    if migrate is not None:  # dev creates or upgrades the store's schema itself
+        await migrate()
+        progress(f"sink {sink.name}: schema is up to date")
+    if where:
+        progress(where)
     with kafka_bootstrap(settings.kafka.bootstrap) as (bootstrap, broker):
         settings = _with_bootstrap(settings, bootstrap)
         if broker is not None:

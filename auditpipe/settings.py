@@ -11,6 +11,7 @@ File layout (every table optional; unknown keys are rejected)::
     [proxy]      the auditing reverse proxy               -> ProxySettings
     [ingest]     audit JSONL from files / stdin           -> IngestSettings
     [receiver]   the KServe inference-logger receiver     -> ReceiverSettings
+    [serve]      `auditpipe serve`: API keys, host, port  -> ServeSettings
     [sinks.NAME] the settings of sink NAME (validated by that sink's own model)
     [pipeline]   processor steps and [pipeline.STEP] tables (validated by auditpipe.processors)
 
@@ -364,6 +365,52 @@ class ReceiverSettings(StrictModel):
     )
 
 
+class ApiKey(StrictModel):
+    """An API key with a name: the name (not the key) is what the change log records."""
+
+    name: str = Field(min_length=1, max_length=64, description="who holds the key (logged)")
+    key: str = Field(min_length=1, description="the bearer token")
+
+
+class ServeSettings(StrictModel):
+    """``[serve]``: ``auditpipe serve``, the stored-completions API and the web viewer."""
+
+    host: str = Field("127.0.0.1", description="address to listen on; non-loopback needs api_keys")
+    port: int = Field(8088, ge=0, le=65535, description="port to listen on (0: any free port)")
+    api_keys: list[str | ApiKey] = Field(
+        default_factory=list,
+        description="bearer keys that may read, update and delete (a key, or {name, key}); "
+        "AUDITPIPE_SERVE_API_KEYS=k1,k2; none: only loopback hosts, and no authentication",
+    )
+    read_api_keys: list[str | ApiKey] = Field(
+        default_factory=list,
+        description="bearer keys that may only read (list, retrieve, messages, the viewer)",
+    )
+    statement_timeout_secs: float = Field(
+        30.0, gt=0, description="longest a query of the API or the viewer may run"
+    )
+    pool_max_size: int = Field(8, ge=1, description="database connections of the server")
+    page_size: int = Field(50, ge=1, le=500, description="records per page in the web viewer")
+    migrate: bool = Field(
+        True,
+        description="create or upgrade the tables at start (additive); false: require them",
+    )
+
+    @field_validator("api_keys", "read_api_keys", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # environment overrides arrive as "k1,k2"
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys", "read_api_keys")
+    @classmethod
+    def _no_empty_key(cls, value: list[str | ApiKey]) -> list[str | ApiKey]:
+        if any(isinstance(k, str) and not k.strip() for k in value):
+            raise ValueError("an API key is empty")
+        return value
+
+
 class Settings(StrictModel):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
@@ -374,6 +421,7 @@ class Settings(StrictModel):
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
     sinks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     pipeline: dict[str, Any] = Field(
         default_factory=dict, description="processor chain; validated by auditpipe.processors"
@@ -381,7 +429,7 @@ class Settings(StrictModel):
 
 
 _TABLES = ("kafka", "producer", "processors", "runner", "source", "registry", "proxy", "ingest",
-           "receiver")  # fmt: skip
+           "receiver", "serve")  # fmt: skip
 
 
 def load_settings(

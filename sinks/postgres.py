@@ -1,5 +1,8 @@
 """postgres: the inference-log schema (requests, responses, errors, metadata) in PostgreSQL.
 
+Where: ``dsn``, or with no ``dsn`` the embedded PostgreSQL (``auditpipe.embedded_pg``, data in
+``embedded_data_dir``) that ``auditpipe serve`` and ``export`` share.
+
 Tables, in ``schema_name`` (created by ``auditpipe sink postgres --migrate``, or at start with
 ``auto_migrate = true``); every id is the event's ``event_id`` (TEXT, time-ordered)::
 
@@ -31,6 +34,10 @@ does not reproduce exactly, e.g. a non-string ``model``, take that way too.) Con
 are retriable; data PostgreSQL refuses (for example a ``\\u0000`` in JSON) is a permanent
 error, which the runner narrows down to the event.
 
+The read side (``auditpipe.api``) adds, through the same idempotent migration, the column
+``metadata.api_metadata``, the table ``api_changes`` and its indexes; see "The read side's
+public interface" below.
+
 Retention: with ``retention_days`` set, requests older than that (and, by cascade, their
 other rows) are deleted every ``retention_interval_secs``.
 """
@@ -42,13 +49,14 @@ import contextlib
 import logging
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
 from auditpipe.schemas import Event
 from pydantic import Field
 
+from auditpipe.embedded_pg import DEFAULT_DATA_DIR
 from auditpipe.errors import ConfigError
 from auditpipe.settings import StrictModel
 
@@ -60,7 +68,16 @@ TABLES = ("requests", "responses", "errors", "metadata")
 
 
 class PostgresConfig(StrictModel):
-    dsn: str = Field(description="libpq connection string or postgresql:// URL")
+    dsn: str | None = Field(
+        None,
+        description="libpq connection string or postgresql:// URL; unset: the embedded "
+        "PostgreSQL (pgserver) with its data in embedded_data_dir",
+    )
+    embedded_data_dir: str = Field(
+        DEFAULT_DATA_DIR,
+        description="data directory of the embedded PostgreSQL used when dsn is unset "
+        "(relative to the working directory); shared by the sink, serve and export",
+    )
     schema_name: str = Field("auditpipe", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     pool_min_size: int = Field(1, ge=0)
     pool_max_size: int = Field(4, ge=1)
@@ -75,8 +92,14 @@ class PostgresConfig(StrictModel):
 
 
 def migration_sql(schema: str) -> str:
+    """The whole schema, idempotent and additive: run on any earlier version, it upgrades it.
+
+    Concurrent runs (a sink with auto_migrate and ``auditpipe serve`` starting together)
+    serialise on an advisory lock held for the statement's implicit transaction.
+    """
     s = f'"{schema}"'
     return f"""
+SELECT pg_advisory_xact_lock(hashtext('auditpipe-migrate:' || {_literal(schema)}));
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.requests (
     id TEXT PRIMARY KEY,
@@ -125,7 +148,98 @@ DO $$ BEGIN  -- lz4 TOAST compression (PostgreSQL 14+ built with lz4): about 2x 
         END;
     END IF;
 END $$;
+{_read_side_sql(s)}"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The read side's public interface (used by auditpipe.api: serve, export, the viewer)
+#
+# Added to the schema above, additively: the metadata a caller set through the API
+# (``metadata.api_metadata``, NULL while unchanged), the log of changes made through the API
+# (``api_changes``: updates and deletes, who, when, which record, before and after), and the
+# indexes the stored-completions API reads by: completion id, (created, id) keyset order of
+# chat completions overall and per model, and the caller metadata (GIN, containment).
+
+API_CHANGES_TABLE = "api_changes"
+CHAT_COMPLETIONS_PREDICATE = "right(q.endpoint, 17) = '/chat/completions'"
+"""Requests (alias ``q``) that are chat completions; the partial indexes below use it."""
+
+
+def caller_metadata_sql(alias: str = "m") -> str:
+    """The caller's metadata of a record as served: set through the API, else as captured."""
+    return f"COALESCE({alias}.api_metadata, {alias}.metadata->'metadata')"
+
+
+def completion_id_sql(alias: str = "r") -> str:
+    """The completion id the client saw: the ``id`` of the stored response (``responses``)."""
+    return f"({alias}.raw_response->>'id')"
+
+
+def event_json_sql(q: str = "q", r: str = "r", m: str = "m") -> str:
+    """The stored event rebuilt as JSONB from its rows (the caller metadata as served)."""
+    return (
+        f"({m}.metadata || jsonb_build_object('input', {q}.raw_request, 'output', "
+        f"{r}.raw_response, 'metadata', {caller_metadata_sql(m)}))"
+    )
+
+
+def _read_side_sql(s: str) -> str:
+    return f"""
+ALTER TABLE {s}.metadata ADD COLUMN IF NOT EXISTS api_metadata JSONB;
+CREATE INDEX IF NOT EXISTS metadata_caller_metadata_idx ON {s}.metadata
+    USING gin ((COALESCE(api_metadata, metadata->'metadata')) jsonb_path_ops);
+-- a finer sample of caller metadata: the planner then tells a filter matching 0.1% of the
+-- records (read through this index) from one matching 10% (read in time order)
+ALTER INDEX {s}.metadata_caller_metadata_idx ALTER COLUMN 1 SET STATISTICS 1000;
+CREATE INDEX IF NOT EXISTS responses_completion_id_idx ON {s}.responses
+    ((raw_response->>'id'), id);
+CREATE INDEX IF NOT EXISTS requests_chat_created_idx ON {s}.requests ("timestamp", id)
+    WHERE right(endpoint, 17) = '/chat/completions';
+CREATE INDEX IF NOT EXISTS requests_chat_model_created_idx ON {s}.requests
+    (model, "timestamp", id) WHERE right(endpoint, 17) = '/chat/completions';
+CREATE INDEX IF NOT EXISTS requests_timestamp_id_idx ON {s}.requests ("timestamp", id);
+DO $$ BEGIN  -- PostgreSQL 14+: how many requests are chat completions (the planner's estimate)
+    IF current_setting('server_version_num')::int >= 140000 THEN
+        EXECUTE 'CREATE STATISTICS IF NOT EXISTS {s}.requests_chat_stats '
+             || 'ON (right(endpoint, 17)) FROM {s}.requests';
+    END IF;
+END $$;
+CREATE TABLE IF NOT EXISTS {s}.{API_CHANGES_TABLE} (
+    id TEXT PRIMARY KEY,               -- the change's own event id (time-ordered)
+    "timestamp" TIMESTAMPTZ NOT NULL,  -- when
+    action TEXT NOT NULL,              -- update_metadata | delete
+    completion_id TEXT,                -- the id the API served the record under
+    event_id TEXT NOT NULL,            -- the record's event id
+    record_timestamp TIMESTAMPTZ,      -- the record's own time (keeps pagination cursors valid)
+    actor TEXT NOT NULL,               -- who: the API key's name or fingerprint, never the key
+    client TEXT,                       -- the caller's address and user agent
+    before JSONB,                      -- update: the caller metadata before
+    after JSONB,                       -- update: the caller metadata after
+    event JSONB                        -- the change as an AuditEvent (JSON rendering)
+);
+CREATE INDEX IF NOT EXISTS api_changes_completion_idx ON {s}.{API_CHANGES_TABLE}
+    (completion_id, event_id);
+CREATE INDEX IF NOT EXISTS api_changes_event_idx ON {s}.{API_CHANGES_TABLE} (event_id);
 """
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def acquire_dsn(config: PostgresConfig) -> tuple[str, Callable[[], None]]:
+    """The DSN to connect to and the function to call when done with it.
+
+    With ``dsn`` set that is the DSN and a no-op; unset, the embedded PostgreSQL in
+    ``embedded_data_dir`` is started (or joined) and released by the returned function.
+    Blocks up to a few seconds the first time (initdb): call it off the event loop.
+    """
+    if config.dsn:
+        return config.dsn, lambda: None
+    from auditpipe.embedded_pg import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(config.embedded_data_dir)
+    return embedded.acquire(), embedded.release
 
 
 def _load_sql(schema: str) -> list[str]:
@@ -405,20 +519,30 @@ class PostgresSink(Sink):
         self._pool: Any = None
         self._retention: asyncio.Task[None] | None = None
         self._load = _load_sql(self.config.schema_name)
+        self._dsn: str | None = None
+        self._release: Callable[[], None] | None = None
 
-    def _conninfo(self) -> tuple[str, dict[str, Any]]:
+    async def _conninfo(self) -> tuple[str, dict[str, Any]]:
         c = self.config
-        return c.dsn, {
+        if self._dsn is None:  # the configured database, or the embedded one (started)
+            self._dsn, self._release = await asyncio.to_thread(acquire_dsn, c)
+        assert self._dsn is not None
+        return self._dsn, {
             "connect_timeout": max(1, int(c.connect_timeout_secs)),
             "options": f"-c statement_timeout={int(c.statement_timeout_secs * 1000)}",
             "application_name": "auditpipe-sink",
         }
 
+    def _release_dsn(self) -> None:
+        release, self._release, self._dsn = self._release, None, None
+        if release is not None:
+            release()
+
     async def migrate(self) -> None:
-        """Create the schema, tables and indexes (idempotent)."""
+        """Create or upgrade the schema, tables and indexes (idempotent, additive)."""
         import psycopg
 
-        dsn, kwargs = self._conninfo()
+        dsn, kwargs = await self._conninfo()
         try:
             async with await psycopg.AsyncConnection.connect(dsn, **kwargs) as conn:
                 await conn.execute(migration_sql(self.config.schema_name))
@@ -426,6 +550,9 @@ class PostgresSink(Sink):
             raise RetriableSinkError(
                 f"postgres sink: cannot connect (sinks.postgres.dsn): {exc}"
             ) from exc
+        finally:
+            if self._pool is None:  # migrate alone (not started): let go of the embedded server
+                await asyncio.to_thread(self._release_dsn)
 
     async def start(self) -> None:
         import psycopg
@@ -433,7 +560,7 @@ class PostgresSink(Sink):
 
         if self.config.auto_migrate:
             await self.migrate()
-        dsn, kwargs = self._conninfo()
+        dsn, kwargs = await self._conninfo()
         c = self.config
         self._pool = AsyncConnectionPool(
             dsn, kwargs=kwargs, min_size=c.pool_min_size, max_size=c.pool_max_size,
@@ -473,6 +600,7 @@ class PostgresSink(Sink):
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+        await asyncio.to_thread(self._release_dsn)
 
     async def write(self, batch: Sequence[Event]) -> None:
 

@@ -97,3 +97,19 @@ class TestProxyBench:
         captured = out["captured"]
         # each run: its requests plus as many warm-up requests (at most 50)
         assert captured["distinct_event_ids"] == captured["proxied_requests"] == 2 * (40 + 80)
+
+
+class TestApiBench:
+    def test_prints_latencies_export_rates_and_memory_as_json(self) -> None:
+        """List shapes against the SELECT 1 baseline, export rows/s and peak RSS, tiny sizes."""
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "api_bench.py"),
+             "--rows", "3000", "--requests", "5"],
+            capture_output=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        assert out["rows"] == 3000 and "baseline_healthz_select_1" in out["latency"]
+        assert all(v["p50_ms"] > 0 for v in out["latency"].values())
+        assert out["export"]["all"]["rows"] == 3000 and out["export"]["small"]["rows"] == 3000
+        assert out["export"]["all"]["peak_rss_mib"] > 0

@@ -24,6 +24,7 @@ def test_importing_the_producer_imports_no_heavy_dependency() -> None:
 
 
 def test_subpackages_map_to_the_top_level_folders() -> None:
+    import auditpipe.api
     import auditpipe.processors
     import auditpipe.producer
     import auditpipe.schemas
@@ -34,12 +35,13 @@ def test_subpackages_map_to_the_top_level_folders() -> None:
         (auditpipe.processors, "processors"),
         (auditpipe.sinks, "sinks"),
         (auditpipe.schemas, "schemas"),
+        (auditpipe.api, "api"),
     ]:
         assert Path(module.__file__ or "").parent.name == folder
 
 
 def test_wheel_contains_every_subpackage_and_the_schemas(tmp_path: Path) -> None:
-    """`pip wheel .` builds a wheel with all five packages, the .avsc files and the script."""
+    """`pip wheel .` builds a wheel with all six packages, the .avsc files and the script."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
          "-w", str(tmp_path), str(ROOT)],
@@ -54,6 +56,8 @@ def test_wheel_contains_every_subpackage_and_the_schemas(tmp_path: Path) -> None
         "auditpipe/processors/app.py",
         "auditpipe/sinks/runner.py",
         "auditpipe/schemas/codec.py",
+        "auditpipe/api/app.py",
+        "auditpipe/embedded_pg.py",
         "auditpipe/schemas/audit_event.v1.avsc",
         "auditpipe/schemas/registry.json",
     ]:

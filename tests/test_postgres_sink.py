@@ -47,6 +47,14 @@ def settings_file(path: Path, dsn: str, schema: str) -> Path:
     return path
 
 
+async def _write(sink: PostgresSink, events: list[Any]) -> None:
+    await sink.start()
+    try:
+        await sink.write(events)
+    finally:
+        await sink.stop()
+
+
 class TestMigrate:
     def test_cli_migrate_creates_the_schema_idempotently(self, pg_dsn: str, tmp_path: Path) -> None:
         """`auditpipe sink postgres --migrate` creates the four tables; running it again is fine."""
@@ -62,12 +70,29 @@ class TestMigrate:
             f"WHERE table_schema = '{schema}'",
         )
         types = {(t, c): d for t, c, d in tables}
-        assert {t for t, _ in types} == {"requests", "responses", "errors", "metadata"}
+        assert {t for t, _ in types} == {"requests", "responses", "errors", "metadata",
+                                          "api_changes"}  # fmt: skip
+        assert types[("metadata", "api_metadata")] == "jsonb"  # the read side's additions
         assert types[("requests", "id")] == "text"
         assert types[("requests", "timestamp")] == "timestamp with time zone"
         assert types[("requests", "raw_request")] == "jsonb"
         assert types[("responses", "raw_response")] == "jsonb"
         assert types[("metadata", "metadata")] == "jsonb"
+
+    def test_an_older_schema_is_upgraded_in_place(self, pg_dsn: str) -> None:
+        """The read side's additions are created on a database migrated before them."""
+        schema = new_schema()
+        sink = pg_sink(pg_dsn, schema)
+        asyncio.run(sink.migrate())
+        asyncio.run(_write(sink, make_events(3)))
+        with psycopg.connect(pg_dsn) as conn:  # back to the schema as it was before them
+            conn.execute(f'DROP TABLE "{schema}".api_changes')
+            conn.execute(f'DROP INDEX "{schema}".metadata_caller_metadata_idx')
+            conn.execute(f'ALTER TABLE "{schema}".metadata DROP COLUMN api_metadata')
+        asyncio.run(pg_sink(pg_dsn, schema).migrate())
+        assert query(pg_dsn, f'SELECT count(*) FROM "{schema}".metadata '
+                     "WHERE api_metadata IS NULL") == [(3,)]  # fmt: skip
+        assert query(pg_dsn, f'SELECT count(*) FROM "{schema}".api_changes') == [(0,)]
 
     def test_start_without_migration_says_how_to_migrate(self, pg_dsn: str) -> None:
         with pytest.raises(ConfigError, match="--migrate"):
