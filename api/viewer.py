@@ -444,14 +444,16 @@ class Viewer:
             counts = ", ".join(f"{esc(k)}: {esc(v)}" for k, v in (s.get("counts") or {}).items())
             when = dt.datetime.fromtimestamp(s["ts_ms"] / 1000, dt.UTC) if isinstance(
                 s.get("ts_ms"), int) else None  # fmt: skip
+            policy = s.get("policy_version")
             rows.append(
                 f"<tr><td>{esc(s.get('step'))}</td><td>{esc(s.get('version'))}</td>"
+                f"<td><code>{esc(policy) if policy else '—'}</code></td>"
                 f'<td>{esc(s.get("action"))}</td><td class="time">{_time(when)}</td>'
                 f"<td>{counts or '—'}</td></tr>"
             )
         return (
             '<h2>Processing</h2><table id="lineage"><tr><th>Step</th><th>Version</th>'
-            f"<th>Action</th><th>Time</th><th>Counts</th></tr>{''.join(rows)}</table>"
+            f"<th>Policy</th><th>Action</th><th>Time</th><th>Counts</th></tr>{''.join(rows)}</table>"
         )
 
     @staticmethod

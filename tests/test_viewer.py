@@ -133,6 +133,7 @@ class TestRecord:
         assert mark_bg != text_bg
         lineage = page.locator("#lineage").inner_text()
         assert "redact" in lineage and "email: 2" in lineage  # the prompt and its echo
+        assert "sha256:" in lineage  # the redaction policy that produced the record
         facts = page.locator("#facts").inner_text()
         for label in ("Latency", "Usage", "Cost", "Status"):
             assert label in facts
