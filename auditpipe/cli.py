@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -35,9 +34,31 @@ from .errors import AuditpipeError, ConfigError
 from .settings import Settings, load_settings, settings_path_from_env, validate_model
 
 
+#: Commands that run until stopped log at INFO unless [logging] level says otherwise.
+LONG_RUNNING = frozenset({"process", "sink", "broker", "proxy", "receive", "serve"})
+
+
+def _default_level(args: argparse.Namespace) -> str:
+    long_running = args.command in LONG_RUNNING or (
+        args.command == "ingest" and getattr(args, "follow", False)
+    )
+    if args.command == "sink" and (args.list or args.migrate):
+        long_running = False
+    return "info" if long_running else "warning"
+
+
+def _level_override(args: argparse.Namespace) -> str | None:
+    return args.log_level or getattr(args, "loglevel", None)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
+    """The settings, and auditpipe's logging set up from their ``[logging]`` table."""
+    from . import logs
+
     path = args.config or settings_path_from_env()
-    return load_settings(path)
+    settings = load_settings(path)
+    logs.setup(settings.logging, _default_level(args), _level_override(args))
+    return settings
 
 
 def _origin(args: argparse.Namespace) -> str:
@@ -73,7 +94,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             f"the processor worker needs faust-streaming ({exc}): "
             "pip install 'auditpipe[processors]'"
         ) from None
-    run_worker(settings, loglevel=args.loglevel)
+    run_worker(settings)
     return 0
 
 
@@ -378,7 +399,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auditpipe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-level", default="WARNING", help="log level for stderr (WARNING)")
+    parser.add_argument(
+        "--log-level",
+        help="log levels, e.g. info,auditpipe.sinks=debug (default: [logging] level, or "
+        "AUDITPIPE_LOG; info for long-running commands, warning for the others)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="run broker, processor, sink and a demo server, send traffic")
@@ -395,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     proc = sub.add_parser("process", help="run a processor worker (Faust)")
     proc.add_argument("--config", help="settings file (TOML)")
-    proc.add_argument("--loglevel", default="warning", help="worker log level (warning)")
+    proc.add_argument("--loglevel", help="same as auditpipe --log-level (kept for old scripts)")
     proc.set_defaults(func=cmd_process)
 
     sink = sub.add_parser("sink", help="run a sink consumer, or list installed sinks")
@@ -531,15 +556,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _early_logging(args: argparse.Namespace) -> None:
+    """Logging before the settings are read (commands without settings keep this one)."""
+    from . import logs
+
+    override = _level_override(args)
+    if override is not None:
+        try:
+            logs.parse_level_spec(override)
+        except ValueError as exc:
+            raise ConfigError(f"--log-level: {exc}") from None
+    logs.setup(None, _default_level(args), override)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
     try:
+        _early_logging(args)
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"auditpipe: configuration error: {exc}", file=sys.stderr)

@@ -182,7 +182,8 @@ async def _run_with_worker(
             AuditMiddleware(create_demo_app(), producer),
             host="127.0.0.1",
             port=port,
-            log_level="warning",
+            log_config=None,
+            access_log=False,
             lifespan="off",
         )
     )

@@ -15,8 +15,14 @@ File layout (every table optional; unknown keys are rejected)::
     [sinks.NAME] the settings of sink NAME (validated by that sink's own model)
     [pipeline]   processor steps and [pipeline.STEP] tables (validated by auditpipe.processors)
 
-Environment: ``AUDITPIPE_<TABLE>_<KEY>`` overrides ``[table] key``; for example
-``AUDITPIPE_KAFKA_BOOTSTRAP=host:9092`` sets ``[kafka] bootstrap``.
+    [logging]    format, level (per-logger), utc          -> LoggingSettings
+    [metrics]    host/port of /metrics                     -> MetricsSettings
+
+Environment: ``AUDITPIPE_<TABLE>_<KEY>`` overrides ``[table] key``, nested tables joined the
+same way (``AUDITPIPE_SINKS_POSTGRES_DSN``); see auditpipe/env.py for the whole rule.
+
+Units: keys carry their unit in the name; durations are ``_secs`` (float seconds) for every new
+key (a few older ones say ``_ms``), sizes ``_bytes``.
 """
 
 from __future__ import annotations
@@ -411,6 +417,49 @@ class ServeSettings(StrictModel):
         return value
 
 
+class LoggingSettings(StrictModel):
+    """``[logging]``: auditpipe's own log lines (see auditpipe/logs.py, docs/operations.md).
+
+    ``AUDITPIPE_LOG`` and ``AUDITPIPE_LOG_FORMAT`` set ``level`` and ``format`` too.
+    """
+
+    format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line; json: one JSON object per line"
+    )
+    level: str | None = Field(
+        None,
+        description="a level and per-logger levels, e.g. 'info,auditpipe.sinks=debug,aiokafka=warn'"
+        " (default: info for long-running commands, warning for the others)",
+    )
+    utc: bool = Field(True, description="timestamps in UTC (false: local time with its offset)")
+
+    @field_validator("level")
+    @classmethod
+    def _level_spec(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .logs import parse_level_spec
+
+            try:
+                parse_level_spec(value)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (set by [logging] level or AUDITPIPE_LOG)") from None
+        return value
+
+
+class MetricsSettings(StrictModel):
+    """``[metrics]``: where long-running commands serve ``/metrics`` (Prometheus)."""
+
+    host: str = Field("127.0.0.1", description="address of the /metrics listener")
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve /metrics (and /healthz) on this port (0: any free port; unset: off,"
+        " except where a command already serves /metrics: runner.health_port, the receiver's"
+        " own port, processors.web_port)",
+    )
+
+
 class Settings(StrictModel):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
@@ -422,14 +471,13 @@ class Settings(StrictModel):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     sinks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     pipeline: dict[str, Any] = Field(
         default_factory=dict, description="processor chain; validated by auditpipe.processors"
     )
 
-
-_TABLES = ("kafka", "producer", "processors", "runner", "source", "registry", "proxy", "ingest",
-           "receiver", "serve")  # fmt: skip
 
 
 def load_settings(
@@ -451,17 +499,38 @@ def load_settings(
             raise ConfigError(f"{path}: no such settings file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    for var, value in _compat_env(env).items():
-        if not var.startswith(ENV_PREFIX):
-            continue
-        rest = var[len(ENV_PREFIX) :].lower()
-        table, _, key = rest.partition("_")
-        if table in _TABLES and key:
-            section = data.setdefault(table, {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"{origin}: [{table}] must be a table")
-            section[key] = value
-    return validate_model(Settings, data, origin)
+    from .env import apply_env  # the one override rule (AUDITPIPE_<TABLE>_<KEY>), see there
+
+    apply_env(data, _compat_env(env), origin)
+    settings = validate_model(Settings, data, origin)
+    validate_plugin_tables(settings, origin, "pipeline" in data)
+    return settings
+
+
+def validate_plugin_tables(settings: Settings, origin: str, pipeline: bool = True) -> None:
+    """Every ``[sinks.NAME]`` table (run or not) and ``[pipeline]`` against their models.
+
+    Only configs are validated: no sink or step is built, no driver (boto3, pymongo, psycopg)
+    is imported, so a typo in a sink this process does not run is still an error naming the
+    key.
+    """
+    if settings.sinks:
+        from auditpipe.sinks.base import load_sink_class
+
+        for name, table in sorted(settings.sinks.items()):
+            cls = load_sink_class_for(name, load_sink_class)
+            cls.check_mapping(table, origin)
+    if pipeline:
+        from auditpipe.steps import build_chain
+
+        build_chain(settings.pipeline, origin, instantiate=False)
+
+
+def load_sink_class_for(name: str, load: Any) -> Any:
+    try:
+        return load(name)
+    except ConfigError as exc:
+        raise ConfigError(f"sinks.{name}: {exc}") from None
 
 
 def _compat_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -475,6 +544,10 @@ def _compat_env(env: Mapping[str, str]) -> dict[str, str]:
         out.setdefault("AUDITPIPE_PRODUCER_ENABLED", env["AUDITPIPE_ENABLED"])
     if env.get("DYN_AUDIT_STDOUT", "").strip().lower() in ("1", "true", "yes", "on"):
         out.setdefault("AUDITPIPE_PRODUCER_TRANSPORT", "stdout")
+    for short, full in (("AUDITPIPE_LOG", "AUDITPIPE_LOGGING_LEVEL"),
+                        ("AUDITPIPE_LOG_FORMAT", "AUDITPIPE_LOGGING_FORMAT")):  # fmt: skip
+        if short in out:
+            out.setdefault(full, out.pop(short))
     return out
 
 

@@ -124,11 +124,13 @@ def build_chain(
     origin: str = "settings",
     prefix: str = "pipeline",
     default: tuple[str, ...] = DEFAULT_CHAIN,
+    instantiate: bool = True,
 ) -> list[ProcessorStep]:
     """Validate a chain table (``steps`` plus one table per step) and instantiate its steps in
     order, before anything connects. ``prefix`` is where the table lives in the settings
     (``pipeline``, ``sinks.postgres``): errors name the key there. ``default``: the steps when
-    the table has no ``steps``."""
+    the table has no ``steps``. ``instantiate=False`` validates only (no step is built, so a
+    secret a step reads at construction need not be present), and returns []."""
     data = dict(pipeline or {})
     step_tables = {k: data.pop(k) for k in list(data) if k != "steps"}
     if "steps" not in data:
@@ -142,11 +144,13 @@ def build_chain(
             f"{origin}: [{prefix}.{unknown[0]}] configures a step that is not in {prefix}.steps "
             f"({', '.join(config.steps) or 'empty'}); add it there or remove the table"
         )
-    chain = []
+    configured = []
     for name, cls in classes:
         table = step_tables.get(name) or step_tables.get(getattr(cls, "name", name)) or {}
         if not isinstance(table, Mapping):
             raise ConfigError(f"{origin}: [{prefix}.{name}] must be a table")
         cfg = validate_model(cls.Config, dict(table), origin, f"{prefix}.{name}")
-        chain.append(cls(cfg))
-    return chain
+        configured.append((cls, cfg))
+    if not instantiate:
+        return []
+    return [cls(cfg) for cls, cfg in configured]

@@ -321,11 +321,15 @@ def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def run_worker(settings: Settings, loglevel: str = "warning") -> None:
-    """Run a processor worker in the foreground until SIGINT/SIGTERM."""
+def run_worker(settings: Settings) -> None:
+    """Run a processor worker in the foreground until SIGINT/SIGTERM.
+
+    Logging is auditpipe's (``auditpipe.logs.setup``, done by the command): Faust's worker is
+    told not to install its own, so its records go through the same handler and format.
+    """
     from faust.worker import Worker
 
     app = create_app(settings)
-    worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = Worker(app, quiet=True, redirect_stdouts=False, override_logging=False)
     worker.spinner = None  # its terminal escapes would garble a non-terminal stderr
     worker.execute_from_commandline()

@@ -58,7 +58,7 @@ def run(
     config = uvicorn.Config(
         app,
         lifespan="on",
-        log_level="warning",
+        log_config=None,  # auditpipe.logs formats uvicorn's records like every other
         access_log=False,
         server_header=False,
         date_header=False,

@@ -103,6 +103,18 @@ class Sink(ABC):
     def from_mapping(cls, data: Mapping[str, Any] | None, origin: str = "settings") -> Sink:
         """The sink configured by its ``[sinks.NAME]`` table, ``steps`` and their tables
         included (see the module docstring)."""
+        return cls._configure(data, origin, instantiate=True)  # type: ignore[return-value]
+
+    @classmethod
+    def check_mapping(cls, data: Mapping[str, Any] | None, origin: str = "settings") -> None:
+        """Validate a ``[sinks.NAME]`` table like :meth:`from_mapping`, building nothing (what
+        ``load_settings`` does for every sink table, run or not)."""
+        cls._configure(data, origin, instantiate=False)
+
+    @classmethod
+    def _configure(
+        cls, data: Mapping[str, Any] | None, origin: str, instantiate: bool
+    ) -> Sink | None:
         data = dict(data or {})
         prefix = f"sinks.{cls.name}"
         chain = None
@@ -116,7 +128,7 @@ class Sink(ABC):
                 for key in keys:
                     if isinstance(data.get(key), Mapping) and key not in cls.Config.model_fields:
                         table[key] = data.pop(key)
-            chain = build_chain(table, origin, prefix=prefix, default=())
+            chain = build_chain(table, origin, prefix=prefix, default=(), instantiate=instantiate)
         for key, value in data.items():
             if (
                 isinstance(value, Mapping)
@@ -128,6 +140,8 @@ class Sink(ABC):
                     f"list it; add it to steps = [...] in [{prefix}] or remove the table"
                 )
         config = validate_model(cls.Config, data, origin, prefix=prefix)
+        if not instantiate:
+            return None
         sink = cls(config)
         if chain:
             sink.steps = tuple(chain)
