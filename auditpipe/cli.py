@@ -225,11 +225,16 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     producer = AuditProducer(settings)
     proxy = ProxyApp(cfg.upstream, cfg)
     app = AuditMiddleware(proxy, producer)
+    from .metrics import make_registry, producer_stage, proxy_stage
+
+    registry = make_registry(proxy_stage(proxy), producer_stage(producer))[0]
     return _serve.run(
-        app,
-        producer,
-        sock,
-        f"auditpipe proxy: listening on {{url}}, forwarding to {cfg.upstream} "
+        registry=registry,
+        metrics=settings.metrics,
+        app=app,
+        producer=producer,
+        sock=sock,
+        banner=f"auditpipe proxy: listening on {{url}}, forwarding to {cfg.upstream} "
         f"(capture: {settings.producer.capture}, transport: {settings.producer.transport})",
         on_stop=lambda: f"proxy: {dict(proxy.stats)}",
     )
@@ -260,10 +265,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
     producer = AuditProducer(settings)
     receiver = KServeReceiver(producer, cfg)
     return _serve.run(
-        receiver,
-        producer,
-        sock,
-        "auditpipe receive: KServe logger CloudEvents on {url} (pair timeout "
+        registry=receiver.metrics_registry(),
+        metrics=settings.metrics,
+        app=receiver,
+        producer=producer,
+        sock=sock,
+        banner="auditpipe receive: KServe logger CloudEvents on {url} (pair timeout "
         f"{cfg.pair_timeout_secs:g} s, transport: {settings.producer.transport})",
         on_stop=lambda: f"receiver: {receiver.snapshot()}",
     )

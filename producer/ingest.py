@@ -619,10 +619,17 @@ def run_ingest(
             loop.add_signal_handler(sig, ingest.stop)
         return await ingest.run()
 
+    from auditpipe.metrics import ingest_stage, make_registry, producer_stage, serve_thread
+
+    m = settings.metrics
+    registry = make_registry(ingest_stage(ingest), producer_stage(producer))[0]
+    server = serve_thread(registry, m.host, m.port)  # [metrics] port; None: not served
     try:
         report = asyncio.run(main())
     finally:
         stats = producer.stop()
+        if server is not None:
+            server.close()
     progress(f"{report.summary()} producer: sent={stats['sent']} spooled={stats['spooled']} "
              f"dropped={stats['dropped']}")  # fmt: skip
     return 3 if report.malformed_skipped else 0

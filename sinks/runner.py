@@ -58,6 +58,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from auditpipe.schemas import DecodeError, Event, decode
 
 from auditpipe.dlq import dead_letter_headers
+from auditpipe.metrics import Latency
 from auditpipe.kafka import producer_kwargs, require_bootstrap
 from auditpipe.settings import Settings
 
@@ -98,6 +99,8 @@ class RunnerStats:
     commits: int = 0
     batches: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    dead_reasons: dict[str, int] = field(default_factory=dict)  # dead_lettered by reason
+    write_latency: Latency = field(default_factory=Latency)  # one sink write of one batch
 
 
 @dataclass
@@ -205,10 +208,15 @@ class SinkRunner:
         health = None
         await self.sink.start()
         try:
-            if runner.health_port is not None:
+            # runner.health_port (older key) or [metrics] port: /healthz and /metrics
+            metrics = self.settings.metrics
+            host, port = runner.health_host, runner.health_port
+            if port is None and metrics.port is not None:
+                host, port = metrics.host, metrics.port
+            if port is not None:
                 from .health import serve_health
 
-                health = await serve_health(self, runner.health_host, runner.health_port)
+                health = await serve_health(self, host, port)
                 sock = health.sockets[0].getsockname()
                 self.health_address = (sock[0], sock[1])
             await self._dlq.start()
@@ -429,7 +437,10 @@ class SinkRunner:
                 offsets.append(msg.offset)
         batch = Batch(events, tp.topic, tp.partition, offsets)
         try:
+            started = time.monotonic()
             rejected = await self._write_isolating(batch) if batch else []
+            if batch:
+                self.stats.write_latency.observe(time.monotonic() - started)
             if rejected:
                 sources = {m.offset: m for m in chunk}
                 dead.extend(
@@ -456,6 +467,8 @@ class SinkRunner:
         self._set_paused(consumer, tp, part)
         self.stats.batches += 1
         self.stats.dead_lettered += len(dead)
+        for _, _, reason, _ in dead:
+            self.stats.dead_reasons[reason] = self.stats.dead_reasons.get(reason, 0) + 1
         self.stats.dropped += dropped
         written = len(batch) - len(rejected)
         self.stats.written += written
