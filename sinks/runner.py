@@ -219,6 +219,8 @@ class SinkRunner:
                 health = await serve_health(self, host, port)
                 sock = health.sockets[0].getsockname()
                 self.health_address = (sock[0], sock[1])
+                log.info("sink %s: /healthz and /metrics on http://%s:%d", self.sink.name,
+                         sock[0], sock[1])  # fmt: skip
             await self._dlq.start()
             await consumer.start()
             self._running = True
