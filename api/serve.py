@@ -127,7 +127,9 @@ def run_serve(settings: Settings, origin: str) -> int:
             flush=True,
         )
         server = uvicorn.Server(
-            uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False)
+            uvicorn.Config(
+                app, log_config=None, access_log=False, lifespan="on", server_header=False
+            )
         )
         # uvicorn re-raises the signal that stopped it once it has shut down; with SIGTERM's
         # default action that would kill the process before the database is let go

@@ -33,7 +33,6 @@ from typing import Any
 from .errors import AuditpipeError, ConfigError
 from .settings import Settings, load_settings, settings_path_from_env, validate_model
 
-
 #: Commands that run until stopped log at INFO unless [logging] level says otherwise.
 LONG_RUNNING = frozenset({"process", "sink", "broker", "proxy", "receive", "serve"})
 

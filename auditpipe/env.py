@@ -167,7 +167,7 @@ def resolve(var: str, tree: Node) -> tuple[tuple[str, ...], Node] | None:
     if not var.upper().startswith(ENV_PREFIX):
         return None
     rest = var[len(ENV_PREFIX) :].lower()
-    node, path = tree, []
+    node, path = tree, list[str]()
     while True:
         assert node.children is not None
         children = node.children()
@@ -184,7 +184,7 @@ def resolve(var: str, tree: Node) -> tuple[tuple[str, ...], Node] | None:
                     f"{', '.join(names)} (name a sink with a table in the settings file as "
                     f"AUDITPIPE_SINKS__NAME__KEY)"
                 )
-            hint = f"; did you mean {_var_name([*path, best])} ({node.table}.{best})?"
+            hint = f"; did you mean {_var_name([*path, best or ''])} ({node.table}.{best})?"
             raise ConfigError(
                 f"environment: {var}: {where} has no key {rest!r}{hint if best else ''} "
                 f"Valid keys: {', '.join(names)}"

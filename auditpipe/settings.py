@@ -479,7 +479,6 @@ class Settings(StrictModel):
     )
 
 
-
 def load_settings(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:

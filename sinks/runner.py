@@ -58,8 +58,8 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from auditpipe.schemas import DecodeError, Event, decode
 
 from auditpipe.dlq import dead_letter_headers
-from auditpipe.metrics import Latency
 from auditpipe.kafka import producer_kwargs, require_bootstrap
+from auditpipe.metrics import Latency
 from auditpipe.settings import Settings
 
 from .base import Batch, PermanentSinkError, Sink

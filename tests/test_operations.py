@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from auditpipe.schemas import encode, new_event
+from auditpipe.sinks import create_sink
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditpipe import logs
@@ -25,7 +26,6 @@ from auditpipe.broker import free_port
 from auditpipe.errors import ConfigError
 from auditpipe.metrics import VOCABULARY, Stage, exposition, make_registry, metric_names
 from auditpipe.settings import Settings, load_settings
-from auditpipe.sinks import create_sink
 
 from .conftest import wait_until
 from .kafkautil import produce, run
@@ -430,8 +430,11 @@ class TestMetrics:
             assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 502
             text = wait_until(lambda: scrape(metrics_port), 30, "[metrics] port")
             assert value(text, "auditpipe_events_received_total", stage="proxy") == 1
-            errors = {dict(labels)["type"]: v for (name, labels), v in samples(text).items()
-                      if name == "auditpipe_errors_total" and ("stage", "proxy") in labels}  # fmt: skip
+            errors = {
+                dict(labels)["type"]: v
+                for (name, labels), v in samples(text).items()
+                if name == "auditpipe_errors_total" and ("stage", "proxy") in labels
+            }
             assert sum(errors.values()) == 1, errors
         finally:
             code, err = stop(proc)

@@ -24,7 +24,11 @@ def write_config(settings: Settings, path: Path, steps: list[str] | None = None)
         + (f"step_processes = {p.step_processes}\n" if p.step_processes else "")
         + (f"[pipeline]\nsteps = {steps!r}\n".replace("'", '"') if steps is not None else "")
         + (f"[metrics]\nport = {settings.metrics.port}\n" if settings.metrics.port else "")
-        + (f'[logging]\nformat = "{settings.logging.format}"\n' if settings.logging.format != "text" else "")
+        + (
+            f'[logging]\nformat = "{settings.logging.format}"\n'
+            if settings.logging.format != "text"
+            else ""
+        )
     )
     return path
 
