@@ -112,7 +112,13 @@ def run_serve(settings: Settings, origin: str) -> int:
     sock = bind(serve.host, serve.port)
     with database(config) as dsn:
         prepare_schema(dsn, config, serve.migrate)
-        app = create_app(Store(config, serve, dsn), keys, page_size=serve.page_size)
+        from auditpipe.metrics import RequestMetrics, make_registry, serve_thread
+
+        app = RequestMetrics(
+            create_app(Store(config, serve, dsn), keys, page_size=serve.page_size), "serve"
+        )
+        m = settings.metrics
+        metrics = serve_thread(make_registry(app.source())[0], m.host, m.port)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         access = (
@@ -138,6 +144,8 @@ def run_serve(settings: Settings, origin: str) -> int:
             server.run(sockets=[sock])
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if metrics is not None:
+                metrics.close()
     return 0
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -428,3 +429,57 @@ def ingest_stage(ingest: Any) -> Source:
         ]
 
     return read
+
+
+class RequestMetrics:
+    """An ASGI wrapper that counts HTTP requests by status class and times them.
+
+    ``source()`` is its stage: ``received`` (requests), ``errors{type="http_5xx"}``,
+    ``auditpipe_stage_events_total{kind="http_2xx"...}`` and
+    ``auditpipe_latency_seconds{op="request"}`` (until the response started). Used by
+    ``auditpipe serve``.
+    """
+
+    def __init__(self, app: Any, stage: str) -> None:
+        self.app = app
+        self.stage = stage
+        self.requests = 0
+        self.by_class: dict[str, int] = {}
+        self.latency = Latency()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500  # an exception before the response started
+
+        async def send_status(message: Any) -> None:
+            nonlocal status
+            if message.get("type") == "http.response.start":
+                status = int(message["status"])
+                self.latency.observe(time.monotonic() - started)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.requests += 1
+            key = f"http_{status // 100}xx"
+            self.by_class[key] = self.by_class.get(key, 0) + 1
+
+    def source(self) -> Source:
+        def read() -> list[Stage]:
+            by_class = dict(self.by_class)
+            errors = {"http_5xx": by_class.pop("http_5xx")} if "http_5xx" in by_class else {}
+            return [
+                Stage(
+                    self.stage,
+                    received=self.requests,
+                    errors=errors,
+                    counts=by_class,
+                    latency={"request": self.latency.snapshot()},
+                )
+            ]
+
+        return read

@@ -466,6 +466,41 @@ class TestMetrics:
         finally:
             stop(proc)
 
+    def test_serve_request_metrics_in_process(self) -> None:
+        """`auditpipe serve`'s wrapper: requests by status class and their latency, scraped
+        from the [metrics] port's thread server."""
+        import asyncio
+
+        import httpx
+
+        from auditpipe.metrics import RequestMetrics, serve_thread
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            status = 500 if scope["path"] == "/boom" else 200
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b"x"})
+
+        wrapped = RequestMetrics(app, "serve")
+
+        async def requests() -> None:
+            transport = httpx.ASGITransport(app=wrapped)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                for path in ("/", "/v1/chat/completions", "/boom"):
+                    await client.get(path)
+
+        asyncio.run(requests())
+        server = serve_thread(make_registry(wrapped.source())[0], "127.0.0.1", 0)
+        assert server is not None
+        try:
+            text = scrape(server.port)
+        finally:
+            server.close()
+            server.close()  # safe twice
+        assert value(text, "auditpipe_events_received_total", stage="serve") == 3
+        assert value(text, "auditpipe_errors_total", stage="serve", type="http_5xx") == 1
+        assert value(text, "auditpipe_stage_events_total", stage="serve", kind="http_2xx") == 2
+        assert value(text, "auditpipe_latency_seconds_count", stage="serve", op="request") == 3
+
 
 class TestDashboard:
     """deploy/grafana/auditpipe.json uses only metric names the code defines."""
