@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+import functools
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from .errors import ConfigError
 
 
+@functools.cache
+def _group(group: str) -> tuple[EntryPoint, ...]:
+    # Scanning the installed distributions takes milliseconds; settings validation asks for
+    # every sink and step. Installed packages do not change under a running process.
+    return tuple(entry_points(group=group))
+
+
 def available(group: str) -> dict[str, str]:
     """Installed entry points of ``group``: name -> ``module:Class`` (nothing imported)."""
-    return {ep.name: ep.value for ep in entry_points(group=group)}
+    return {ep.name: ep.value for ep in _group(group)}
 
 
 def load_entry_point(
@@ -22,7 +30,7 @@ def load_entry_point(
     missing dependency (``install``), prefixed with the setting it came from (``key``).
     """
     where = f"{key}: " if key else ""
-    matches = [ep for ep in entry_points(group=group) if ep.name == name]
+    matches = [ep for ep in _group(group) if ep.name == name]
     if not matches:
         names = ", ".join(sorted(available(group))) or "none"
         raise ConfigError(f"{where}unknown {kind} {name!r}; installed {kind}s: {names}")
