@@ -98,7 +98,23 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         async for key, n in stream.items():
             counts[key] += n
 
-    registry, _ = make_registry(processor_stage(stats, lambda: dict(counts.items())))
+    def lag() -> dict[str, int]:
+        # records of the raw topic not yet committed, per assigned partition (what Prometheus
+        # alerts on when the processors fall behind); Faust keeps no public committed map
+        out = {}
+        try:
+            consumer = app.consumer
+            committed = getattr(consumer, "_committed_offset", {})
+            for tp in consumer.assignment():
+                if tp.topic == kafka.raw_topic:
+                    high = consumer.highwater(tp)
+                    if high is not None:
+                        out[f"{tp.topic}[{tp.partition}]"] = max(0, high - (committed.get(tp) or 0))
+        except Exception:  # not started, rebalancing: no figure this scrape
+            return {}
+        return out
+
+    registry, _ = make_registry(processor_stage(stats, lambda: dict(counts.items()), lag))
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
@@ -320,8 +336,13 @@ def batch_counts(outcomes: list[Outcome]) -> Counter[str]:
     return out
 
 
-def processor_stage(stats: WorkerStats, counts: Callable[[], dict[str, int]]) -> Source:
-    """The worker's counters and its share of the counts table as the stage ``processor``."""
+def processor_stage(
+    stats: WorkerStats,
+    counts: Callable[[], dict[str, int]],
+    lag: Callable[[], dict[str, int]] = dict,
+) -> Source:
+    """The worker's counters, its share of the counts table and its consumer lag on the raw
+    topic as the stage ``processor``."""
 
     def read() -> list[Stage]:
         by_kind: dict[str, dict[str, int]] = {"forward": {}, "dead_letter": {}, "drop": {}}
@@ -341,6 +362,7 @@ def processor_stage(stats: WorkerStats, counts: Callable[[], dict[str, int]]) ->
                 dead_lettered=by_kind["dead_letter"],
                 errors=dict(stats.errors),
                 by_dimension=dims,
+                lag=lag(),
                 latency={"process": stats.latency.snapshot()},
             )
         ]

@@ -233,6 +233,7 @@ class TestWorkerMetrics:
                 f"auditpipe_events_sent_total{{{s}}} 12.0",
                 f'auditpipe_events_dead_lettered_total{{reason="bad_magic",{s}}} 1.0',
                 f'auditpipe_latency_seconds_count{{op="process",{s}}}',
+                f'auditpipe_lag{{partition="{settings.kafka.raw_topic}[',
             ]
             for p in (port, metrics_port):
                 text = wait_until(
@@ -241,6 +242,14 @@ class TestWorkerMetrics:
                     f"the counts on :{p}/metrics",
                 )
                 assert "# TYPE auditpipe_events_by_dimension_total counter" in text
+
+            def caught_up() -> bool:
+                lags = [
+                    ln for ln in page(metrics_port).splitlines() if ln.startswith("auditpipe_lag{")
+                ]
+                return bool(lags) and all(ln.endswith(" 0.0") for ln in lags)
+
+            wait_until(caught_up, 60, "the raw topic's lag to reach 0 once committed")
         finally:
             stop(proc)
         lines = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines()]
