@@ -566,13 +566,27 @@ def _early_logging(args: argparse.Namespace) -> None:
     """Logging before the settings are read (commands without settings keep this one)."""
     from . import logs
 
+    import os
+
+    from pydantic import ValidationError
+
+    from .settings import LoggingSettings
+
     override = _level_override(args)
     if override is not None:
         try:
             logs.parse_level_spec(override)
         except ValueError as exc:
             raise ConfigError(f"--log-level: {exc}") from None
-    logs.setup(None, _default_level(args), override)
+    env = os.environ
+    try:  # the environment's [logging] already; a bad value is reported when settings load
+        config = LoggingSettings(
+            level=env.get("AUDITPIPE_LOGGING_LEVEL", env.get("AUDITPIPE_LOG")) or None,
+            format=env.get("AUDITPIPE_LOGGING_FORMAT", env.get("AUDITPIPE_LOG_FORMAT", "text")),
+        )
+    except ValidationError:
+        config = None
+    logs.setup(config, _default_level(args), override)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
