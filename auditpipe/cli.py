@@ -564,12 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _early_logging(args: argparse.Namespace) -> None:
     """Logging before the settings are read (commands without settings keep this one)."""
-    from . import logs
-
     import os
 
     from pydantic import ValidationError
 
+    from . import logs
     from .settings import LoggingSettings
 
     override = _level_override(args)
