@@ -223,10 +223,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     sock = _serve.bind(cfg.host, cfg.port)
     producer = AuditProducer(settings)
     proxy = ProxyApp(cfg.upstream, cfg)
-    app = AuditMiddleware(proxy, producer)
-    from .metrics import make_registry, producer_stage, proxy_stage
+    from .metrics import RequestMetrics, make_registry, producer_stage, proxy_stage
 
-    registry = make_registry(proxy_stage(proxy), producer_stage(producer))[0]
+    app = RequestMetrics(AuditMiddleware(proxy, producer), "proxy")  # requests, status, latency
+    registry = make_registry(app.source(), proxy_stage(proxy), producer_stage(producer))[0]
     return _serve.run(
         registry=registry,
         metrics=settings.metrics,

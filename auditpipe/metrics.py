@@ -389,20 +389,14 @@ def receiver_stage(receiver: Any) -> Source:
 
 
 def proxy_stage(proxy: Any) -> Source:
-    """A ``ProxyApp`` as the stage ``proxy``: requests; upstream failures as errors by type."""
+    """A ``ProxyApp``'s upstream failures (errors by kind) and client disconnects, stage
+    ``proxy``; its requests, their status and latency come from :class:`RequestMetrics`."""
 
     def read() -> list[Stage]:
         st = dict(proxy.stats)
-        requests = st.pop("requests", 0)
+        st.pop("requests", None)
         disconnects = st.pop("client_disconnects", 0)
-        return [
-            Stage(
-                "proxy",
-                received=requests,
-                errors=st,
-                counts={"client_disconnects": disconnects},
-            )
-        ]
+        return [Stage("proxy", errors=st, counts={"client_disconnects": disconnects})]
 
     return read
 
@@ -437,7 +431,8 @@ class RequestMetrics:
     ``source()`` is its stage: ``received`` (requests), ``errors{type="http_5xx"}``,
     ``auditpipe_stage_events_total{kind="http_2xx"...}`` and
     ``auditpipe_latency_seconds{op="request"}`` (until the response started). Used by
-    ``auditpipe serve``.
+    ``auditpipe serve`` and ``auditpipe proxy`` (there: the upstream's time to first byte plus
+    the proxy's own).
     """
 
     def __init__(self, app: Any, stage: str) -> None:

@@ -128,3 +128,19 @@ class TestSettingsBench:
         out = json.loads(result.stdout)
         assert out["baseline_us"] > 0 and out["all_sink_tables_and_pipeline_us"] > 0
         assert set(out["ratios"]) == {"sink_tables_over_baseline", "env_overrides_over_baseline"}
+
+
+class TestMetricsBench:
+    def test_prints_request_overhead_and_scrape_cost_as_json(self) -> None:
+        """Bare vs wrapped request cost and one scrape's cost, with the ratio."""
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "metrics_bench.py"),
+             "--requests", "200", "--rounds", "1"],  # fmt: skip
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        assert set(out["request_ns"]) == {"bare_app", "with_request_metrics"}
+        assert out["scrape_us"] > 0 and "wrapped_over_bare" in out["ratios"]

@@ -435,7 +435,8 @@ class TestMetrics:
                 for (name, labels), v in samples(text).items()
                 if name == "auditpipe_errors_total" and ("stage", "proxy") in labels
             }
-            assert sum(errors.values()) == 1, errors
+            assert errors.pop("http_5xx") == 1 and sum(errors.values()) == 1, errors
+            assert value(text, "auditpipe_latency_seconds_count", stage="proxy", op="request") == 1
         finally:
             code, err = stop(proc)
         assert code == 0, err
