@@ -134,8 +134,14 @@ class TestMetricsBench:
     def test_prints_request_overhead_and_scrape_cost_as_json(self) -> None:
         """Bare vs wrapped request cost and one scrape's cost, with the ratio."""
         result = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "metrics_bench.py"),
-             "--requests", "200", "--rounds", "1"],  # fmt: skip
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "metrics_bench.py"),
+                "--requests",
+                "200",
+                "--rounds",
+                "1",
+            ],
             capture_output=True,
             timeout=120,
             check=False,
