@@ -526,3 +526,10 @@ class TestDashboard:
                      "auditpipe_errors_total", "auditpipe_lag",
                      "auditpipe_latency_seconds_bucket"):  # fmt: skip
             assert core in used, f"the dashboard does not chart {core}"
+
+    def test_operations_doc_lists_every_metric(self) -> None:
+        """docs/operations.md's table names every family of the vocabulary."""
+        text = (ROOT / "docs" / "operations.md").read_text()
+        for name, (kind, _, _) in VOCABULARY.items():
+            shown = f"{name}_total" if kind == "counter" else name
+            assert f"`{shown}`" in text, f"docs/operations.md does not list {shown}"
