@@ -43,7 +43,8 @@ def _default_level(args: argparse.Namespace) -> str:
     )
     if args.command == "sink" and (args.list or args.migrate):
         long_running = False
-    return "info" if long_running else "warning"
+    # Faust's and mode's INFO is a Starting/Stopping line per internal service: noise by default
+    return "info,faust=warning,mode=warning" if long_running else "warning"
 
 
 def _level_override(args: argparse.Namespace) -> str | None:

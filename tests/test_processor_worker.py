@@ -208,7 +208,7 @@ class TestWorkerMetrics:
             update={
                 "processors": settings.processors.model_copy(update={"web_port": port}),
                 "metrics": settings.metrics.model_copy(update={"port": metrics_port}),
-                "logging": settings.logging.model_copy(update={"format": "json"}),
+                "logging": settings.logging.model_copy(update={"format": "json", "level": "info"}),
             }
         )
         values = [encode(new_event(model="m-a", metadata={"tenant": "acme"})) for _ in range(7)]
