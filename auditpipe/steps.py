@@ -24,12 +24,12 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import Field
 
 from auditpipe.errors import ConfigError
-from auditpipe.plugins import available, load_entry_point
+from auditpipe.plugins import available, bind_config_model, load_entry_point
 from auditpipe.schemas import Event
 from auditpipe.settings import StrictModel, validate_model
 
@@ -37,19 +37,33 @@ ENTRY_POINT_GROUP = "auditpipe.processors"
 DEFAULT_CHAIN = ("enrich", "redact", "sample")
 
 #: What a chain holds: any callable ``event -> event | None`` (a :class:`ProcessorStep`, or a
-#: plain function such as ``auditpipe.processors.validate_step``).
+#: plain function such as ``auditpipe.processors.validate_step``). The one definition: the
+#: processors, the sinks and the producer import it from here.
 Step = Callable[[Event], Event | None]
 
 
-class ProcessorStep:
-    """Base class of configurable steps. Subclasses set ``name``, ``version`` and ``Config``."""
+ConfigT = TypeVar("ConfigT", bound=StrictModel)
+
+
+class ProcessorStep(Generic[ConfigT]):
+    """Base class of configurable steps, generic over their config model.
+
+    A subclass names its model once, ``class MyStep(ProcessorStep[MyConfig])``, and sets
+    ``name`` (and ``version`` when its behaviour changes); ``Config`` follows from the generic
+    argument and ``self.config`` is typed as ``MyConfig``. A step without settings subclasses
+    ``ProcessorStep[StrictModel]``.
+    """
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StrictModel]] = StrictModel
 
-    def __init__(self, config: StrictModel | None = None) -> None:
-        self.config = config if config is not None else self.Config()
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bind_config_model(cls, ProcessorStep)
+
+    def __init__(self, config: ConfigT | None = None) -> None:
+        self.config: ConfigT = config if config is not None else cast(ConfigT, self.Config())
 
     @property
     def __name__(self) -> str:  # used in dead-letter headers ("step:<name>")
@@ -94,7 +108,7 @@ def available_steps() -> dict[str, str]:
     return available(ENTRY_POINT_GROUP)
 
 
-def load_step_class(name: str, key: str = "pipeline.steps") -> type[ProcessorStep]:
+def load_step_class(name: str, key: str = "pipeline.steps") -> type[ProcessorStep[Any]]:
     """A step by entry point name, or by import path ``package.module:Class``. ``key`` names
     the setting the name came from in errors."""
     if ":" not in name:
@@ -112,7 +126,7 @@ def load_step_class(name: str, key: str = "pipeline.steps") -> type[ProcessorSte
 
 def build_step(
     name: str, table: Mapping[str, Any] | None, origin: str = "settings", prefix: str = "pipeline"
-) -> ProcessorStep:
+) -> ProcessorStep[Any]:
     """One step ``name`` configured from ``table`` (errors name ``<prefix>.<name>.<key>``)."""
     cls = load_step_class(name, f"{prefix}.steps")
     cfg = validate_model(cls.Config, dict(table or {}), origin, f"{prefix}.{name}")
@@ -124,7 +138,7 @@ def build_chain(
     origin: str = "settings",
     prefix: str = "pipeline",
     default: tuple[str, ...] = DEFAULT_CHAIN,
-) -> list[ProcessorStep]:
+) -> list[ProcessorStep[Any]]:
     """Validate a chain table (``steps`` plus one table per step) and instantiate its steps in
     order, before anything connects. ``prefix`` is where the table lives in the settings
     (``pipeline``, ``sinks.postgres``): errors name the key there. ``default``: the steps when
