@@ -57,6 +57,6 @@ def bind_config_model(cls: type, base: type) -> None:
         setattr(cls, "Config", bound)  # noqa: B010 - cls is any plugin class
     elif not (isinstance(own, type) and issubclass(own, bound)):
         raise TypeError(
-            f"{cls.__qualname__}.Config is {own!r} but the class is declared over "
-            f"{bound.__qualname__}: drop Config or make it that model"
+            f"{cls.__name__}.Config is {getattr(own, '__name__', own)!r} but the class is "
+            f"declared as {base.__name__}[{bound.__name__}]: drop Config or make it that model"
         )

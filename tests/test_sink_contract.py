@@ -130,3 +130,11 @@ def test_every_registered_sink_runs_the_contract() -> None:
     covered = {cls.sink_name for cls in SinkContract.__subclasses__()}
     missing = sorted(set(available_sinks()) - covered)
     assert not missing, f"registered sink(s) without a contract test: {missing}"
+
+
+def test_the_sinks_with_a_schema_are_migratable() -> None:
+    """Migratable is how the CLI and dev find a schema to create: postgres has one, file not."""
+    from auditpipe.sinks import Migratable
+
+    assert isinstance(load_sink_class("postgres").from_mapping({}), Migratable)
+    assert not isinstance(load_sink_class("file").from_mapping({"path": "x.jsonl"}), Migratable)
