@@ -176,28 +176,29 @@ def kafka_bootstrap() -> Iterator[str]:
 # Waiting on conditions
 
 
+def _polls(timeout_secs: float, what: str) -> Iterator[None]:
+    """Yields until the deadline, then raises AssertionError naming ``what``."""
+    deadline = time.monotonic() + timeout_secs
+    while True:
+        yield
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_secs}s waiting for {what}")
+
+
 def wait_until(predicate: Callable[[], Any], timeout_secs: float, what: str) -> Any:
     """Poll ``predicate`` until it returns something truthy, and return that; raise
     AssertionError naming ``what`` after ``timeout_secs``."""
-    deadline = time.monotonic() + timeout_secs
-    while True:
-        value = predicate()
-        if value:
+    for _ in _polls(timeout_secs, what):
+        if value := predicate():
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_secs}s waiting for {what}")
         time.sleep(0.02)
 
 
 async def wait_for(predicate: Callable[[], Any], timeout_secs: float, what: str) -> Any:
     """:func:`wait_until` for coroutines: the event loop runs while it waits."""
-    deadline = time.monotonic() + timeout_secs
-    while True:
-        value = predicate()
-        if value:
+    for _ in _polls(timeout_secs, what):
+        if value := predicate():
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_secs}s waiting for {what}")
         await asyncio.sleep(0.02)
 
 

@@ -13,8 +13,7 @@ from typing import Literal
 from auditpipe.schemas import DecodeError, decode, encode
 
 from auditpipe.dlq import dead_letter_headers
-
-from .steps import Step, build_chain
+from auditpipe.steps import Step, build_chain
 
 
 @dataclass(frozen=True)

@@ -3,22 +3,14 @@
 A step takes an event dict and returns the (possibly new) event, or ``None`` to drop it. It
 never does I/O. It records what it did with :func:`record_step` (counts, never values). An
 exception raised by a step dead-letters the event; it is never forwarded. The step types and
-the registry live in :mod:`auditpipe.steps` (shared with the producer and the sinks); this
-module re-exports them for the processors.
+the registry live in :mod:`auditpipe.steps` (shared with the producer and the sinks).
 """
 
 from __future__ import annotations
 
 from auditpipe.schemas import Event, validate
 
-from auditpipe.steps import (
-    DEFAULT_CHAIN,
-    ProcessorStep,
-    Step,
-    available_steps,
-    build_chain,
-    record_step,
-)
+from auditpipe.steps import ProcessorStep, Step, record_step
 
 
 def validate_step(event: Event) -> Event:
@@ -27,12 +19,4 @@ def validate_step(event: Event) -> Event:
     return record_step(event, "validate", "1", "validated")
 
 
-__all__ = [
-    "DEFAULT_CHAIN",
-    "ProcessorStep",
-    "Step",
-    "available_steps",
-    "build_chain",
-    "record_step",
-    "validate_step",
-]
+__all__ = ["ProcessorStep", "Step", "record_step", "validate_step"]
