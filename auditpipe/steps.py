@@ -108,7 +108,7 @@ def available_steps() -> dict[str, str]:
     return available(ENTRY_POINT_GROUP)
 
 
-def load_step_class(name: str, key: str = "pipeline.steps") -> type[ProcessorStep[Any]]:
+def load_step_class(name: str, key: str = "pipeline.steps") -> type[ProcessorStep]:
     """A step by entry point name, or by import path ``package.module:Class``. ``key`` names
     the setting the name came from in errors."""
     if ":" not in name:
@@ -126,7 +126,7 @@ def load_step_class(name: str, key: str = "pipeline.steps") -> type[ProcessorSte
 
 def build_step(
     name: str, table: Mapping[str, Any] | None, origin: str = "settings", prefix: str = "pipeline"
-) -> ProcessorStep[Any]:
+) -> ProcessorStep:
     """One step ``name`` configured from ``table`` (errors name ``<prefix>.<name>.<key>``)."""
     cls = load_step_class(name, f"{prefix}.steps")
     cfg = validate_model(cls.Config, dict(table or {}), origin, f"{prefix}.{name}")
@@ -138,7 +138,7 @@ def build_chain(
     origin: str = "settings",
     prefix: str = "pipeline",
     default: tuple[str, ...] = DEFAULT_CHAIN,
-) -> list[ProcessorStep[Any]]:
+) -> list[ProcessorStep]:
     """Validate a chain table (``steps`` plus one table per step) and instantiate its steps in
     order, before anything connects. ``prefix`` is where the table lives in the settings
     (``pipeline``, ``sinks.postgres``): errors name the key there. ``default``: the steps when

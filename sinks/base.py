@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Generic, Protocol, Self, cast, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, cast, runtime_checkable
 
 from auditpipe.schemas import Event
 
@@ -100,7 +100,7 @@ class Sink(ABC, Generic[ConfigT]):
     """
 
     name: ClassVar[str]
-    Config: ClassVar[type[StrictModel]] = StrictModel
+    Config: ClassVar[type[Any]] = StrictModel  # a StrictModel subclass: ConfigT at runtime
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -113,7 +113,7 @@ class Sink(ABC, Generic[ConfigT]):
         self.steps: tuple[Step, ...] = ()
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None, origin: str = "settings") -> Self:
+    def from_mapping(cls, data: Mapping[str, Any] | None, origin: str = "settings") -> Sink:
         """The sink configured by its ``[sinks.NAME]`` table, ``steps`` and their tables
         included (see the module docstring)."""
         data = dict(data or {})
@@ -141,7 +141,7 @@ class Sink(ABC, Generic[ConfigT]):
                     f"list it; add it to steps = [...] in [{prefix}] or remove the table"
                 )
         config = validate_model(cls.Config, data, origin, prefix=prefix)
-        sink = cls(cast(ConfigT, config))
+        sink = cls(config)
         if chain:
             sink.steps = tuple(chain)
         return sink
@@ -173,14 +173,12 @@ def available_sinks() -> dict[str, str]:
     return available(ENTRY_POINT_GROUP)
 
 
-def load_sink_class(name: str) -> type[Sink[Any]]:
+def load_sink_class(name: str) -> type[Sink]:
     install = f"install its extra: pip install 'auditpipe[{name}]'"
     return load_entry_point(ENTRY_POINT_GROUP, name, Sink, "sink", install)
 
 
-def create_sink(
-    name: str, sink_settings: Mapping[str, Mapping[str, Any]], origin: str
-) -> Sink[Any]:
+def create_sink(name: str, sink_settings: Mapping[str, Mapping[str, Any]], origin: str) -> Sink:
     """Instantiate sink ``name`` with its ``[sinks.NAME]`` table from the settings."""
     cls = load_sink_class(name)
     return cls.from_mapping(sink_settings.get(name), origin)
