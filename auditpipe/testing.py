@@ -7,8 +7,9 @@
   :func:`create_topics` creates them.
 - :func:`wait_until` / :func:`wait_for` (sync / async): poll a condition with a deadline and
   fail naming what was awaited. Tests wait on conditions, never on sleeps.
-- :func:`produce_events`, :func:`consume`, :func:`run_until` (run a sink runner until a
-  condition holds), :func:`committed` (a group's committed offsets).
+- :func:`produce_events`, :func:`consume` (:func:`reader` is the consumer it uses),
+  :func:`run_until` (run a sink runner until a condition holds), :func:`committed` (a group's
+  committed offsets).
 - :class:`SinkContract`: the contract every sink passes. A sink's test module subclasses it,
   names the sink and says how to build it and how to read back what it stored::
 
@@ -71,6 +72,7 @@ __all__ = [
     "make_events",
     "produce",
     "produce_events",
+    "reader",
     "run_until",
     "wait_for",
     "wait_until",
@@ -225,20 +227,29 @@ async def produce_events(settings: Settings, events: list[Event], topic: str = "
     await produce(settings.kafka.bootstrap or "", topic or settings.kafka.events_topic, values)
 
 
+def reader(bootstrap: str, topic: str, **options: Any) -> AIOKafkaConsumer:
+    """A consumer of ``topic`` from its start, in a group of its own, committing nothing, with
+    the short sessions the embedded broker needs; ``options`` override (aiokafka's names)."""
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        **{
+            "group_id": f"test-reader-{uuid.uuid4().hex[:8]}",
+            "auto_offset_reset": "earliest",
+            "enable_auto_commit": False,
+            "session_timeout_ms": int(EMBEDDED_SESSION_TIMEOUT_SECS * 1000),  # first join: half
+            "heartbeat_interval_ms": int(EMBEDDED_HEARTBEAT_INTERVAL_SECS * 1000),
+            **options,
+        },
+    )
+
+
 async def consume(
     bootstrap: str, topic: str, count: int, timeout_secs: float = 30.0
 ) -> list[ConsumerRecord[Any, Any]]:
     """Read at least ``count`` records from the start of ``topic``; AssertionError naming the
     topic and how many arrived after ``timeout_secs``."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=f"test-reader-{uuid.uuid4().hex[:8]}",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        session_timeout_ms=int(EMBEDDED_SESSION_TIMEOUT_SECS * 1000),  # first join: half of it
-        heartbeat_interval_ms=int(EMBEDDED_HEARTBEAT_INTERVAL_SECS * 1000),
-    )
+    consumer = reader(bootstrap, topic)
     await consumer.start()
     records: list[ConsumerRecord[Any, Any]] = []
     deadline = time.monotonic() + timeout_secs
