@@ -6,6 +6,7 @@
     auditpipe redact [--config FILE] [INPUT|-] [-o OUTPUT|-] [--rejects FILE]
     auditpipe sink NAME --migrate [--config FILE]                  create the sink's tables
     auditpipe broker [--port PORT]                                 the embedded broker alone
+    auditpipe topics [--config FILE] [--create]                    show/create the topics
     auditpipe proxy --upstream URL [--host H] [--port P] [--config FILE]  auditing reverse proxy
     auditpipe ingest [--config FILE] [--follow] [--state FILE] [FILE ...|-]  audit JSONL in
     auditpipe receive [--host H] [--port P] [--config FILE]       KServe logger receiver
@@ -63,9 +64,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def cmd_process(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from .kafka import require_bootstrap
+    from .kafka import preflight
 
-    require_bootstrap(settings.kafka)
+    asyncio.run(preflight(settings.kafka))  # bootstrap, certificates, CA: fail here, by key
     try:
         from auditpipe.processors.app import run_worker
     except ImportError as exc:
@@ -95,9 +96,9 @@ def cmd_sink(args: argparse.Namespace) -> int:
         asyncio.run(migrate())
         print(f"sink {args.name}: schema is up to date", file=sys.stderr)
         return 0
-    from .kafka import require_bootstrap
+    from .kafka import preflight
 
-    require_bootstrap(settings.kafka)
+    asyncio.run(preflight(settings.kafka))  # bootstrap, certificates, CA: fail here, by key
     sink = create_sink(args.name, settings.sinks, _origin(args))
     return asyncio.run(_run_sink(sink, settings))
 
@@ -376,6 +377,46 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    """The pipeline's topics: partitions and retention; ``--create`` creates the missing ones."""
+    from .kafka import admin_client, create_missing_topics, describe_topics
+
+    settings = _settings(args)
+
+    async def run() -> tuple[list[str], list[Any]]:
+        async with admin_client(settings.kafka) as admin:
+            created = await create_missing_topics(admin, settings.kafka) if args.create else []
+            return created, await describe_topics(admin, settings.kafka)
+
+    created, topics = asyncio.run(run())
+    print(f"{'TOPIC':<32} {'ROLE':<7} {'PARTITIONS':>10} {'RETENTION':>12}  NOTE")
+    for t in topics:
+        note = "created" if t.name in created else ""
+        if not t.exists:
+            note = "missing (auditpipe topics --create creates it)"
+        elif t.wanted_retention_ms is not None and t.retention_ms not in (
+            None,
+            t.wanted_retention_ms,
+        ):
+            note = f"retention differs from [kafka] {t.role}_retention_secs"
+        parts = str(t.partitions) if t.exists else "-"
+        print(f"{t.name:<32} {t.role:<7} {parts:>10} {_duration(t.retention_ms):>12}  {note}")
+    missing = [t.name for t in topics if not t.exists]
+    return 1 if missing else 0
+
+
+def _duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    if ms < 0:
+        return "forever"
+    secs = ms // 1000
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size and secs % size == 0:
+            return f"{secs // size}{unit}"
+    return f"{secs}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auditpipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="WARNING", help="log level for stderr (WARNING)")
@@ -500,6 +541,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--limit", type=int, help="at most this many rows")
     export.add_argument("-o", "--output", help="output file (default: stdout, or -)")
     export.set_defaults(func=cmd_export)
+
+    topics = sub.add_parser(
+        "topics",
+        help="show the pipeline's topics (partitions, retention); --create creates missing ones",
+        description="Lists raw, events and dlq ([kafka] *_topic) and every other topic on the "
+        "cluster with partitions and retention. --create creates the missing pipeline topics "
+        "with [kafka] partitions, replication_factor and *_retention_secs (existing ones are "
+        "left alone). Exit 1 when a pipeline topic is missing.",
+    )
+    topics.add_argument("--config", help="settings file (TOML): [kafka]")
+    topics.add_argument("--create", action="store_true", help="create missing pipeline topics")
+    topics.set_defaults(func=cmd_topics)
 
     from auditpipe.schemas.compat import Mode
 
