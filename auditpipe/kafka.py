@@ -15,6 +15,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka.abc import AbstractTokenProvider
+
 from .errors import BrokerError, ConfigError
 from .settings import KafkaSettings, ProducerSettings
 
@@ -108,10 +110,10 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext:
     return ctx
 
 
-class FileTokenProvider:
+class FileTokenProvider(AbstractTokenProvider):
     """OAUTHBEARER tokens read from a file at every authentication (so it can be refreshed).
 
-    Implements aiokafka's ``AbstractTokenProvider`` (``async token() -> str``).
+    aiokafka asks at every connection's authentication.
     """
 
     def __init__(self, path: str) -> None:
