@@ -234,20 +234,57 @@ async def tls_problem(kafka: KafkaSettings, timeout_secs: float = 5.0) -> str | 
     return None
 
 
+async def sasl_problem(kafka: KafkaSettings, timeout_secs: float = 5.0) -> str | None:
+    """Authenticate once to the first bootstrap broker with ``[kafka]``'s SASL; say what fails.
+
+    aiokafka only logs the broker's reason (e.g. UnsupportedSaslMechanismError) and then
+    reports "Unable to bootstrap"; this returns it with the keys to check.
+    """
+    if not kafka.security_protocol.startswith("SASL_"):
+        return None
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+
+    kw = client_kwargs(kafka)
+    first = kw.pop("bootstrap_servers").split(",")[0].strip()
+    host, _, port = first.rpartition(":")
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(host, int(port), request_timeout_ms=int(timeout_secs * 1000), **kw),
+            timeout_secs,
+        )
+    except (KafkaConnectionError, OSError, TimeoutError, ssl.SSLError):
+        return None  # unreachable or TLS: not a SASL answer
+    except KafkaError as exc:
+        return (
+            f"SASL {kafka.sasl_mechanism} authentication with Kafka at {first} failed "
+            f"({type(exc).__name__}: {exc}): check kafka.sasl_mechanism (one the broker "
+            "enables), kafka.sasl_username and the password (kafka.sasl_password / "
+            "sasl_password_file) or kafka.sasl_oauth_token_file"
+        )
+    conn.close()
+    return None
+
+
+async def connect_problem(kafka: KafkaSettings) -> str | None:
+    """Why ``[kafka]``'s TLS or SASL settings do not connect to the first broker, or None."""
+    return await tls_problem(kafka) or await sasl_problem(kafka)
+
+
 async def start_client(client: Any, kafka: KafkaSettings) -> None:
-    """``await client.start()``; a TLS failure raises BrokerError naming the ``[kafka]`` key."""
+    """``await client.start()``; a TLS or SASL failure raises BrokerError naming the keys."""
     try:
         await client.start()
     except Exception as exc:
-        problem = await tls_problem(kafka)
+        problem = await connect_problem(kafka)
         if problem:
             raise BrokerError(problem) from exc
         raise
 
 
 async def preflight(kafka: KafkaSettings) -> None:
-    """Check the TLS settings against the first broker before a long-running command starts."""
-    problem = await tls_problem(kafka)
+    """Check TLS and SASL against the first broker before a long-running command starts."""
+    problem = await connect_problem(kafka)
     if problem:
         raise BrokerError(problem)
 

@@ -55,7 +55,7 @@ from typing import IO, Any
 
 from auditpipe.schemas import Event, EventValidationError, encode, latest_schema_id, to_json
 
-from auditpipe.kafka import client_kwargs, producer_kwargs, tls_problem
+from auditpipe.kafka import client_kwargs, connect_problem, producer_kwargs
 from auditpipe.settings import Settings, load_settings, settings_path_from_env
 
 from ._spool import Spool, SpoolError, WriteFn
@@ -515,7 +515,7 @@ class AuditProducer:
                     self._kafka_up = True
                 except Exception as exc:
                     await _quiet_stop(candidate, 1.0)
-                    why = await tls_problem(self.settings.kafka) or exc
+                    why = await connect_problem(self.settings.kafka) or exc
                     log.warning("Kafka not reachable (%s); retrying in %.1fs", why, backoff)
                     next_attempt = time.monotonic() + backoff
                     backoff = min(backoff * 2, 5.0)

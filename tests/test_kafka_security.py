@@ -264,6 +264,7 @@ class TestSasl:
         with pytest.raises(BrokerError) as err:
             asyncio.run(ensure_topics(kafka, timeout_secs=10))
         assert "AbstractTokenProvider" not in str(err.value)
+        assert "SASL OAUTHBEARER authentication" in str(err.value)
 
     def test_scram_against_the_embedded_broker_fails_cleanly(
         self, kafka_bootstrap: str, tmp_path: Path
@@ -272,8 +273,10 @@ class TestSasl:
         kafka = sasl_settings(tmp_path, bootstrap=kafka_bootstrap,
                               security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-256",
                               sasl_username="nobody", sasl_password="wrong")  # fmt: skip
-        with pytest.raises(BrokerError):
+        with pytest.raises(BrokerError) as err:
             asyncio.run(ensure_topics(kafka, timeout_secs=10))
+        assert "SASL SCRAM-SHA-256 authentication" in str(err.value)
+        assert "kafka.sasl_mechanism" in str(err.value) and "wrong" not in str(err.value)
 
 
 SECRET = "hunter2-do-not-print"
