@@ -7,6 +7,7 @@
     auditpipe sink NAME --migrate [--config FILE]                  create the sink's tables
     auditpipe broker [--port PORT]                                 the embedded broker alone
     auditpipe topics [--config FILE] [--create]                    show/create the topics
+    auditpipe demo [--config FILE] [--requests N|--rate R]         demo server + traffic
     auditpipe proxy --upstream URL [--host H] [--port P] [--config FILE]  auditing reverse proxy
     auditpipe ingest [--config FILE] [--follow] [--state FILE] [FILE ...|-]  audit JSONL in
     auditpipe receive [--host H] [--port P] [--config FILE]       KServe logger receiver
@@ -405,6 +406,29 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The demo server with the audit hook, sending itself traffic with the openai client."""
+    settings = _settings(args)
+    try:
+        import openai  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"auditpipe demo needs {exc.name}: pip install 'auditpipe[demo]'"
+        ) from None
+    from .demo_traffic import DemoOptions, run_demo
+
+    options = DemoOptions(
+        host=args.host,
+        port=args.port,
+        requests=args.requests,
+        rate_per_sec=args.rate,
+        concurrency=args.concurrency,
+    )
+    return asyncio.run(run_demo(settings, options))
+
+
 def _duration(ms: int | None) -> str:
     if ms is None:
         return "-"
@@ -553,6 +577,25 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_argument("--config", help="settings file (TOML): [kafka]")
     topics.add_argument("--create", action="store_true", help="create missing pipeline topics")
     topics.set_defaults(func=cmd_topics)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the demo OpenAI-compatible server with the audit hook and send it traffic",
+        description="What `auditpipe dev` runs in front of its pipeline, alone: the events go "
+        "to [kafka] raw_topic (or stdout with [producer] transport = stdout). Traffic: the "
+        "official openai client against this server's loopback address.",
+    )
+    demo.add_argument("--config", help="settings file (TOML): [kafka], [producer]")
+    demo.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8000, help="listen port (8000; 0: any free)")
+    demo.add_argument(
+        "--requests", type=int, help="send N requests, flush, exit (0: serve only, no traffic)"
+    )
+    demo.add_argument(
+        "--rate", type=float, default=1.0, help="without --requests: requests/s until SIGTERM (1)"
+    )
+    demo.add_argument("--concurrency", type=int, default=4, help="parallel requests (4)")
+    demo.set_defaults(func=cmd_demo)
 
     from auditpipe.schemas.compat import Mode
 
