@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import yaml
 from auditpipe.sinks.base import load_sink_class
+from pydantic import BaseModel
 
 from auditpipe.cli import build_parser
-from auditpipe.settings import _TABLES, Settings, load_settings, validate_model
+from auditpipe.settings import Settings, load_settings, validate_model
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -106,10 +107,15 @@ class TestComposeFile:
             env = resolved_env(svc)
             assert all(k.startswith("AUDITPIPE_") for k in env), f"{name}: only AUDITPIPE_*"
             plain = {k: v for k, v in env.items() if not k.startswith("AUDITPIPE_SINKS_")}
+            tables = {
+                t: f.annotation
+                for t, f in Settings.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+            }
             for var in plain:
                 table, _, key = var[len("AUDITPIPE_") :].lower().partition("_")
-                assert table in _TABLES, f"{name}: {var}: no [{table}] table"
-                model = type(getattr(Settings(), table))
+                assert table in tables, f"{name}: {var}: no [{table}] table"
+                model = tables[table]
                 assert key in model.model_fields, f"{name}: {var}: no key {key} in [{table}]"
             load_settings(env=plain)  # values valid (raises ConfigError naming the key)
 
