@@ -24,7 +24,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from auditpipe.schemas import encode, new_event
+from auditpipe.schemas import decode, encode, new_event
 from auditpipe.sinks.runner import SinkRunner
 from auditpipe.sinks.stdout import StdoutSink
 
@@ -167,6 +167,64 @@ class TestTls:
         env["AUDITPIPE_KAFKA_SSL_KEY_PASSWORD_FILE"] = str(bad)
         with pytest.raises(ConfigError, match=r"kafka\.ssl_certfile / kafka\.ssl_keyfile"):
             client_kwargs(load_settings(env=env).kafka)
+
+    def test_processor_worker_runs_over_mtls(
+        self, tls_broker: tuple[str, TcpProxy], pki: Pki, tmp_path: Path
+    ) -> None:
+        """`auditpipe process` (Faust) with the TLS keys in its environment: raw -> events."""
+        bootstrap, _ = tls_broker
+        env = tls_env(bootstrap, pki)
+        env.update(
+            {
+                "AUDITPIPE_PROCESSORS_APP_ID": f"tls-{uuid.uuid4().hex[:8]}-processors",
+                "AUDITPIPE_PROCESSORS_DATA_DIR": str(tmp_path / "faust"),
+                "AUDITPIPE_PROCESSORS_SESSION_TIMEOUT_SECS": "3",
+                "AUDITPIPE_PROCESSORS_HEARTBEAT_INTERVAL_SECS": "0.5",
+            }
+        )
+        settings = load_settings(env=env)
+        kafka = settings.kafka
+        evs = [new_event(request_id=f"w{i}", model="m") for i in range(10)]
+        asyncio.run(ensure_topics(kafka))
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("AUDITPIPE_")}
+        log = open(tmp_path / "worker.log", "wb")
+        cmd = [sys.executable, "-m", "auditpipe", "process"]
+        worker = subprocess.Popen(cmd, env={**clean, **env}, stdout=subprocess.DEVNULL, stderr=log)
+
+        async def scenario() -> list[str]:
+            producer = AIOKafkaProducer(**producer_kwargs(kafka, settings.producer))
+            await producer.start()
+            try:
+                for e in evs:
+                    await producer.send_and_wait(kafka.raw_topic, encode(e))
+            finally:
+                await producer.stop()
+            consumer = AIOKafkaConsumer(
+                kafka.events_topic, auto_offset_reset="earliest", **client_kwargs(kafka)
+            )
+            await consumer.start()
+            got: list[str] = []
+            deadline = asyncio.get_running_loop().time() + 90
+            try:
+                while len(got) < len(evs):
+                    assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+                    assert asyncio.get_running_loop().time() < deadline, "nothing processed"
+                    batch = await consumer.getmany(timeout_ms=200)
+                    got += [decode(r.value)["request_id"] for rs in batch.values() for r in rs]
+            finally:
+                await consumer.stop()
+            return got
+
+        try:
+            assert sorted(asyncio.run(scenario())) == sorted(e["request_id"] for e in evs)
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            log.close()
 
     def test_faust_app_gets_the_same_tls_context(self, pki: Pki) -> None:
         """The processors' Faust app is built with SSL credentials from the same table."""
