@@ -226,6 +226,70 @@ class TestTls:
                 worker.wait()
             log.close()
 
+    def test_producer_hook_sends_over_mtls(
+        self, tls_broker: tuple[str, TcpProxy], pki: Pki, tmp_path: Path
+    ) -> None:
+        """AuditProducer (the middleware's, the proxy's) with the TLS keys: events on raw."""
+        from auditpipe.producer import AuditProducer
+
+        bootstrap, _ = tls_broker
+        env = tls_env(bootstrap, pki)
+        env["AUDITPIPE_PRODUCER_SPOOL_DIR"] = str(tmp_path / "spool")
+        settings = load_settings(env=env)
+        kafka = settings.kafka
+        asyncio.run(ensure_topics(kafka))
+        producer = AuditProducer(settings).start()
+        for i in range(20):
+            assert producer.emit(new_event(request_id=f"h{i}", model="m"))
+        stats = producer.stop()
+        assert stats["sent"] == 20, stats
+
+        async def read() -> list[str]:
+            consumer = AIOKafkaConsumer(
+                kafka.raw_topic, auto_offset_reset="earliest", **client_kwargs(kafka)
+            )
+            await consumer.start()
+            got: list[str] = []
+            deadline = asyncio.get_running_loop().time() + 30
+            try:
+                while len(got) < 20 and asyncio.get_running_loop().time() < deadline:
+                    batch = await consumer.getmany(timeout_ms=200)
+                    got += [decode(r.value)["request_id"] for rs in batch.values() for r in rs]
+            finally:
+                await consumer.stop()
+            return got
+
+        assert sorted(asyncio.run(read())) == sorted(f"h{i}" for i in range(20))
+
+    def test_producer_hook_with_wrong_ca_logs_the_key_and_spools(
+        self,
+        tls_broker: tuple[str, TcpProxy],
+        pki: Pki,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """The hook never raises into the app: it warns naming kafka.ssl_cafile and spools."""
+        from auditpipe.producer import AuditProducer
+
+        from .conftest import wait_until
+
+        bootstrap, _ = tls_broker
+        env = tls_env(bootstrap, pki, cafile=pki.wrong_ca)
+        env["AUDITPIPE_PRODUCER_SPOOL_DIR"] = str(tmp_path / "spool")
+        env["AUDITPIPE_PRODUCER_STOP_TIMEOUT_SECS"] = "0.5"
+        caplog.set_level("WARNING", logger="auditpipe.producer")
+        producer = AuditProducer(load_settings(env=env)).start()
+        try:
+            assert producer.emit(new_event(request_id="x", model="m"))
+            wait_until(
+                lambda: any("kafka.ssl_cafile" in r.getMessage() for r in caplog.records),
+                30,
+                "the producer's warning naming kafka.ssl_cafile",
+            )
+        finally:
+            stats = producer.stop()
+        assert stats["sent"] == 0
+
     def test_faust_app_gets_the_same_tls_context(self, pki: Pki) -> None:
         """The processors' Faust app is built with SSL credentials from the same table."""
         from auditpipe.processors.app import create_app
