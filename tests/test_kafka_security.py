@@ -290,6 +290,15 @@ class TestTls:
             stats = producer.stop()
         assert stats["sent"] == 0
 
+    def test_ssl_check_hostname_reaches_the_context(self, pki: Pki) -> None:
+        """ssl_check_hostname (default true) is the context's check_hostname; CA required."""
+        env = tls_env("127.0.0.1:9093", pki)
+        ctx = client_kwargs(load_settings(env=env).kafka)["ssl_context"]
+        assert ctx.check_hostname is True and ctx.verify_mode.name == "CERT_REQUIRED"
+        env["AUDITPIPE_KAFKA_SSL_CHECK_HOSTNAME"] = "false"
+        ctx = client_kwargs(load_settings(env=env).kafka)["ssl_context"]
+        assert ctx.check_hostname is False and ctx.verify_mode.name == "CERT_REQUIRED"
+
     def test_faust_app_gets_the_same_tls_context(self, pki: Pki) -> None:
         """The processors' Faust app is built with SSL credentials from the same table."""
         from auditpipe.processors.app import create_app
