@@ -15,8 +15,6 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka.abc import AbstractTokenProvider
-
 from .errors import BrokerError, ConfigError
 from .settings import KafkaSettings, ProducerSettings
 
@@ -110,10 +108,11 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext:
     return ctx
 
 
-class FileTokenProvider(AbstractTokenProvider):
+class FileTokenProvider:
     """OAUTHBEARER tokens read from a file at every authentication (so it can be refreshed).
 
-    aiokafka asks at every connection's authentication.
+    aiokafka asks at every connection's authentication. Registered as a virtual subclass of
+    aiokafka's ``AbstractTokenProvider`` when first used (aiokafka is imported lazily here).
     """
 
     def __init__(self, path: str) -> None:
@@ -143,6 +142,9 @@ def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
         kwargs["sasl_mechanism"] = mech
         if mech == "OAUTHBEARER":
             assert kafka.sasl_oauth_token_file  # settings validation
+            from aiokafka.abc import AbstractTokenProvider
+
+            AbstractTokenProvider.register(FileTokenProvider)
             kwargs["sasl_oauth_token_provider"] = FileTokenProvider(kafka.sasl_oauth_token_file)
         else:
             kwargs["sasl_plain_username"] = kafka.sasl_username
