@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # auditpipe's container image: every long-running command (process, sink NAME, serve, proxy,
 # receive, ingest, demo) and the one-shot ones (topics, sink NAME --migrate).
 #
@@ -5,6 +6,7 @@
 #   docker run --rm -e AUDITPIPE_KAFKA_BOOTSTRAP=kafka:9092 auditpipe topics --create
 #
 # Settings come from AUDITPIPE_* environment variables (docs/deploy.md); no file is baked in.
+# Needs BuildKit (the default builder since Docker 23 and in `docker compose`).
 
 ARG PYTHON_IMAGE=python:3.12-slim
 

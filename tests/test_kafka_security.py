@@ -290,6 +290,14 @@ class TestTls:
             stats = producer.stop()
         assert stats["sent"] == 0
 
+    def test_a_cafile_that_is_not_pem_names_the_key(self, pki: Pki, tmp_path: Path) -> None:
+        """A readable file that holds no certificate: ConfigError naming kafka.ssl_cafile."""
+        junk = tmp_path / "ca.pem"
+        junk.write_text("not a certificate\n")
+        env = tls_env("127.0.0.1:9093", pki, cafile=junk)
+        with pytest.raises(ConfigError, match=r"kafka\.ssl_cafile: .* is not a PEM CA"):
+            client_kwargs(load_settings(env=env).kafka)
+
     def test_ssl_check_hostname_reaches_the_context(self, pki: Pki) -> None:
         """ssl_check_hostname (default true) is the context's check_hostname; CA required."""
         env = tls_env("127.0.0.1:9093", pki)
