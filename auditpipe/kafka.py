@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,7 +205,7 @@ async def tls_problem(kafka: KafkaSettings, timeout_secs: float = 5.0) -> str | 
     first = require_bootstrap(kafka).split(",")[0].strip()
     host, _, port = first.rpartition(":")
     try:
-        _, writer = await asyncio.wait_for(
+        reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, int(port), ssl=ctx), timeout_secs
         )
     except ssl.SSLCertVerificationError as exc:
@@ -230,9 +231,35 @@ async def tls_problem(kafka: KafkaSettings, timeout_secs: float = 5.0) -> str | 
         )
     except (OSError, TimeoutError):
         return None  # not a TLS problem: the caller's own error says it
-    writer.close()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
+    try:
+        # With TLS 1.3 a broker that requires a client certificate refuses it only after the
+        # handshake: one request (ApiVersions v0) and the start of its answer show it.
+        client_id = b"auditpipe-tls-check"
+        body = struct.pack(">hhih", 18, 0, 1, len(client_id)) + client_id
+        writer.write(struct.pack(">i", len(body)) + body)
+        await asyncio.wait_for(writer.drain(), timeout_secs)
+        await asyncio.wait_for(reader.readexactly(4), timeout_secs)
+    except (ssl.SSLError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        # an alert (Apache Kafka: certificate required/unknown CA), or a close or reset right
+        # after the handshake (proxies; every Kafka broker answers ApiVersions v0)
+        why = (
+            f"refused the TLS session ({exc.reason or exc})"
+            if isinstance(exc, ssl.SSLError)
+            else "closed the TLS connection after the handshake without answering"
+        )
+        fix = (
+            "if it requires client certificates, set kafka.ssl_certfile and kafka.ssl_keyfile"
+            if not kafka.ssl_certfile
+            else f"check that kafka.ssl_certfile ({kafka.ssl_certfile}) is signed by a CA the "
+            "broker trusts"
+        )
+        return f"Kafka at {first} {why}: {fix}"
+    except OSError:  # TimeoutError included: a slow broker is not a TLS answer
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
     return None
 
 

@@ -137,6 +137,18 @@ class TestTls:
         with pytest.raises(BrokerError, match=r"kafka\.ssl_cafile"):
             asyncio.run(asyncio.wait_for(runner.run(), 30))
 
+    def test_no_client_certificate_for_an_mtls_listener_names_ssl_certfile(
+        self, tls_broker: tuple[str, TcpProxy], pki: Pki
+    ) -> None:
+        """The listener wants a client certificate and gets none: the error names the keys."""
+        bootstrap, _ = tls_broker
+        env = tls_env(bootstrap, pki)
+        for key in ("CERTFILE", "KEYFILE", "KEY_PASSWORD_FILE"):
+            del env[f"AUDITPIPE_KAFKA_SSL_{key}"]
+        with pytest.raises(BrokerError) as err:
+            asyncio.run(ensure_topics(load_settings(env=env).kafka, timeout_secs=10))
+        assert "set kafka.ssl_certfile and kafka.ssl_keyfile" in str(err.value)
+
     def test_cli_topics_with_wrong_ca_exits_1_naming_the_key(
         self, tls_broker: tuple[str, TcpProxy], pki: Pki
     ) -> None:
