@@ -74,7 +74,11 @@ class KafkaSettings(StrictModel):
         604_800, ge=1, description="retention.ms of dlq_topic when auditpipe creates it"
     )
     # -- security: every Kafka client (hook, processors, sinks, DLQ, tools) --------------------
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="of every Kafka client (producer hook, processors, sinks, DLQ, tools);"
+        " SSL and SASL_SSL use the ssl_* keys, SASL_* the sasl_* keys (docs/kafka.md)",
+    )
     ssl_cafile: str | None = Field(
         None, description="PEM file of the CA(s) that signed the brokers' certificates"
     )
@@ -86,8 +90,10 @@ class KafkaSettings(StrictModel):
     ssl_check_hostname: bool = Field(
         True, description="check that the broker's certificate names the host connected to"
     )
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
-    sasl_username: str | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = (
+        Field(None, description="required with SASL_PLAINTEXT and SASL_SSL")
+    )
+    sasl_username: str | None = Field(None, description="PLAIN and SCRAM-SHA-256/512")
     sasl_password: SecretStr | None = Field(
         None, description="prefer AUDITPIPE_KAFKA_SASL_PASSWORD or sasl_password_file; never logged"
     )
