@@ -150,10 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         with open(args.check, encoding="utf-8") as fh:
             if fh.read() != text:
-                print(
-                    f"{args.check} is stale: run python -m auditpipe.configdoc --write {args.check}",
-                    file=sys.stderr,
-                )
+                fix = f"python -m auditpipe.configdoc --write {args.check}"
+                print(f"{args.check} is stale: run {fix}", file=sys.stderr)
                 return 1
         return 0
     if args.write:
