@@ -6,6 +6,8 @@
     auditpipe redact [--config FILE] [INPUT|-] [-o OUTPUT|-] [--rejects FILE]
     auditpipe sink NAME --migrate [--config FILE]                  create the sink's tables
     auditpipe broker [--port PORT]                                 the embedded broker alone
+    auditpipe topics [--config FILE] [--create]                    show/create the topics
+    auditpipe demo [--config FILE] [--requests N|--rate R]         demo server + traffic
     auditpipe proxy --upstream URL [--host H] [--port P] [--config FILE]  auditing reverse proxy
     auditpipe ingest [--config FILE] [--follow] [--state FILE] [FILE ...|-]  audit JSONL in
     auditpipe receive [--host H] [--port P] [--config FILE]       KServe logger receiver
@@ -84,9 +86,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def cmd_process(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from .kafka import require_bootstrap
+    from .kafka import preflight
 
-    require_bootstrap(settings.kafka)
+    asyncio.run(preflight(settings.kafka))  # bootstrap, certificates, CA: fail here, by key
     try:
         from auditpipe.processors.app import run_worker
     except ImportError as exc:
@@ -116,9 +118,9 @@ def cmd_sink(args: argparse.Namespace) -> int:
         asyncio.run(migrate())
         print(f"sink {args.name}: schema is up to date", file=sys.stderr)
         return 0
-    from .kafka import require_bootstrap
+    from .kafka import preflight
 
-    require_bootstrap(settings.kafka)
+    asyncio.run(preflight(settings.kafka))  # bootstrap, certificates, CA: fail here, by key
     sink = create_sink(args.name, settings.sinks, _origin(args))
     return asyncio.run(_run_sink(sink, settings))
 
@@ -404,6 +406,69 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    """The pipeline's topics: partitions and retention; ``--create`` creates the missing ones."""
+    from .kafka import admin_client, create_missing_topics, describe_topics
+
+    settings = _settings(args)
+
+    async def run() -> tuple[list[str], list[Any]]:
+        async with admin_client(settings.kafka) as admin:
+            created = await create_missing_topics(admin, settings.kafka) if args.create else []
+            return created, await describe_topics(admin, settings.kafka)
+
+    created, topics = asyncio.run(run())
+    print(f"{'TOPIC':<32} {'ROLE':<7} {'PARTITIONS':>10} {'RETENTION':>12}  NOTE")
+    for t in topics:
+        note = "created" if t.name in created else ""
+        if not t.exists:
+            note = "missing (auditpipe topics --create creates it)"
+        elif t.wanted_retention_ms is not None and t.retention_ms not in (
+            None,
+            t.wanted_retention_ms,
+        ):
+            note = f"retention differs from [kafka] {t.role}_retention_secs"
+        parts = str(t.partitions) if t.exists else "-"
+        print(f"{t.name:<32} {t.role:<7} {parts:>10} {_duration(t.retention_ms):>12}  {note}")
+    missing = [t.name for t in topics if not t.exists]
+    return 1 if missing else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The demo server with the audit hook, sending itself traffic with the openai client."""
+    settings = _settings(args)
+    try:
+        import openai  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"auditpipe demo needs {exc.name}: pip install 'auditpipe[demo]'"
+        ) from None
+    from .demo_traffic import DemoOptions, run_demo
+
+    options = DemoOptions(
+        host=args.host,
+        port=args.port,
+        requests=args.requests,
+        rate_per_sec=args.rate,
+        concurrency=args.concurrency,
+    )
+    return asyncio.run(run_demo(settings, options))
+
+
+def _duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    if ms < 0:
+        return "forever"
+    secs = ms // 1000
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size and secs % size == 0:
+            return f"{secs // size}{unit}"
+    return f"{secs}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auditpipe", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -532,6 +597,37 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--limit", type=int, help="at most this many rows")
     export.add_argument("-o", "--output", help="output file (default: stdout, or -)")
     export.set_defaults(func=cmd_export)
+
+    topics = sub.add_parser(
+        "topics",
+        help="show the pipeline's topics (partitions, retention); --create creates missing ones",
+        description="Lists raw, events and dlq ([kafka] *_topic) and every other topic on the "
+        "cluster with partitions and retention. --create creates the missing pipeline topics "
+        "with [kafka] partitions, replication_factor and *_retention_secs (existing ones are "
+        "left alone). Exit 1 when a pipeline topic is missing.",
+    )
+    topics.add_argument("--config", help="settings file (TOML): [kafka]")
+    topics.add_argument("--create", action="store_true", help="create missing pipeline topics")
+    topics.set_defaults(func=cmd_topics)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the demo OpenAI-compatible server with the audit hook and send it traffic",
+        description="What `auditpipe dev` runs in front of its pipeline, alone: the events go "
+        "to [kafka] raw_topic (or stdout with [producer] transport = stdout). Traffic: the "
+        "official openai client against this server's loopback address.",
+    )
+    demo.add_argument("--config", help="settings file (TOML): [kafka], [producer]")
+    demo.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8000, help="listen port (8000; 0: any free)")
+    demo.add_argument(
+        "--requests", type=int, help="send N requests, flush, exit (0: serve only, no traffic)"
+    )
+    demo.add_argument(
+        "--rate", type=float, default=1.0, help="without --requests: requests/s until SIGTERM (1)"
+    )
+    demo.add_argument("--concurrency", type=int, default=4, help="parallel requests (4)")
+    demo.set_defaults(func=cmd_demo)
 
     from auditpipe.schemas.compat import Mode
 

@@ -127,13 +127,12 @@ async def run_dev(settings: Settings, options: DevOptions) -> int:
 
 
 async def _run_dev(settings: Settings, options: DevOptions, where: str | None) -> int:
-    from auditpipe.sinks import create_sink
+    from auditpipe.sinks import Migratable, create_sink
 
     sink = create_sink(options.sink, settings.sinks, options.origin)  # fail fast on bad config
     started = time.monotonic()
-    migrate = getattr(sink, "migrate", None)
-    if migrate is not None:  # dev creates or upgrades the store's schema itself
-        await migrate()
+    if isinstance(sink, Migratable):  # dev creates or upgrades the store's schema itself
+        await sink.migrate()
         progress(f"sink {sink.name}: schema is up to date")
     if where:
         progress(where)

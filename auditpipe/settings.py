@@ -34,7 +34,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -58,6 +66,131 @@ class KafkaSettings(StrictModel):
     replication_factor: int = Field(1, ge=1)
     client_id: str = "auditpipe"
     request_timeout_ms: int = Field(30_000, ge=1000)
+    # -- retention of the topics auditpipe creates (`auditpipe topics --create`, `dev`) --------
+    raw_retention_secs: int = Field(
+        259_200,
+        ge=1,
+        description="retention.ms of raw_topic when auditpipe creates it (3 days): the raw topic"
+        " is the only one with unredacted content, so keep it short",
+    )
+    events_retention_secs: int = Field(
+        604_800, ge=1, description="retention.ms of events_topic when auditpipe creates it"
+    )
+    dlq_retention_secs: int = Field(
+        604_800, ge=1, description="retention.ms of dlq_topic when auditpipe creates it"
+    )
+    # -- security: every Kafka client (hook, processors, sinks, DLQ, tools) --------------------
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="of every Kafka client (producer hook, processors, sinks, DLQ, tools);"
+        " SSL and SASL_SSL use the ssl_* keys, SASL_* the sasl_* keys (docs/kafka.md)",
+    )
+    ssl_cafile: str | None = Field(
+        None, description="PEM file of the CA(s) that signed the brokers' certificates"
+    )
+    ssl_certfile: str | None = Field(None, description="client certificate (PEM), for mTLS")
+    ssl_keyfile: str | None = Field(None, description="the client certificate's private key")
+    ssl_key_password_file: str | None = Field(
+        None, description="file holding the password of an encrypted ssl_keyfile"
+    )
+    ssl_check_hostname: bool = Field(
+        True, description="check that the broker's certificate names the host connected to"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = (
+        Field(None, description="required with SASL_PLAINTEXT and SASL_SSL")
+    )
+    sasl_username: str | None = Field(None, description="PLAIN and SCRAM-SHA-256/512")
+    sasl_password: SecretStr | None = Field(
+        None, description="prefer AUDITPIPE_KAFKA_SASL_PASSWORD or sasl_password_file; never logged"
+    )
+    sasl_password_file: str | None = Field(
+        None, description="file holding the SASL password (read when a client is built)"
+    )
+    sasl_oauth_token_file: str | None = Field(
+        None,
+        description="OAUTHBEARER: file holding the bearer token, read again at every"
+        " authentication (a sidecar can refresh it)",
+    )
+
+    @model_validator(mode="after")
+    def _security_combinations(self) -> KafkaSettings:
+        problems = kafka_security_problems(self)
+        if problems:
+            raise ValueError("\n    ".join(problems))
+        return self
+
+
+_SSL_FILE_KEYS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password_file")
+_FILE_KEYS = (*_SSL_FILE_KEYS, "sasl_password_file", "sasl_oauth_token_file")
+
+
+def kafka_security_problems(kafka: KafkaSettings) -> list[str]:
+    """What is wrong with ``[kafka]``'s security keys, each naming the key and the fix."""
+    proto = kafka.security_protocol
+    tls, sasl = proto in ("SSL", "SASL_SSL"), proto.startswith("SASL_")
+    problems = []
+    for key in _SSL_FILE_KEYS:
+        if getattr(kafka, key) and not tls:
+            problems.append(
+                f"kafka.{key} is set but kafka.security_protocol is {proto}: set "
+                f'security_protocol = "SSL" (or "SASL_SSL") to use TLS, or remove {key}'
+            )
+    if kafka.ssl_certfile and not kafka.ssl_keyfile:
+        problems.append(
+            "kafka.ssl_certfile needs kafka.ssl_keyfile (the certificate's private key; name the"
+            " same file when the PEM holds both)"
+        )
+    if kafka.ssl_keyfile and not kafka.ssl_certfile:
+        problems.append("kafka.ssl_keyfile needs kafka.ssl_certfile (the client certificate)")
+    if kafka.ssl_key_password_file and not kafka.ssl_keyfile:
+        problems.append("kafka.ssl_key_password_file is set without kafka.ssl_keyfile")
+    mech = kafka.sasl_mechanism
+    if sasl and mech is None:
+        problems.append(
+            f"kafka.security_protocol = {proto!r} needs kafka.sasl_mechanism: set it to PLAIN, "
+            'SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER (or security_protocol = "SSL" / '
+            '"PLAINTEXT" for no SASL)'
+        )
+    sasl_keys = ("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file",
+                 "sasl_oauth_token_file")  # fmt: skip
+    if not sasl:
+        for key in sasl_keys:
+            if getattr(kafka, key) is not None:
+                problems.append(
+                    f"kafka.{key} is set but kafka.security_protocol is {proto}: set "
+                    f'security_protocol = "SASL_SSL" (or "SASL_PLAINTEXT"), or remove {key}'
+                )
+    if mech in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        if not kafka.sasl_username:
+            problems.append(f"kafka.sasl_mechanism = {mech!r} needs kafka.sasl_username")
+        if kafka.sasl_password is None and not kafka.sasl_password_file:
+            problems.append(
+                f"kafka.sasl_mechanism = {mech!r} needs a password: set "
+                "AUDITPIPE_KAFKA_SASL_PASSWORD or kafka.sasl_password_file"
+            )
+        if kafka.sasl_password is not None and kafka.sasl_password_file:
+            problems.append(
+                "kafka.sasl_password and kafka.sasl_password_file are both set: keep one"
+            )
+        if kafka.sasl_oauth_token_file:
+            problems.append(
+                f"kafka.sasl_oauth_token_file is for OAUTHBEARER, not {mech}: remove it"
+            )
+    if mech == "OAUTHBEARER":
+        if not kafka.sasl_oauth_token_file:
+            problems.append(
+                "kafka.sasl_mechanism = 'OAUTHBEARER' needs kafka.sasl_oauth_token_file (a file"
+                " holding the bearer token)"
+            )
+        for key in ("sasl_username", "sasl_password", "sasl_password_file"):
+            if getattr(kafka, key) is not None:
+                problems.append(f"kafka.{key} is not used by OAUTHBEARER: remove it")
+    for key in _FILE_KEYS:
+        path = getattr(kafka, key)
+        if path and not os.access(path, os.R_OK):
+            why = "does not exist" if not os.path.exists(path) else "is not readable"
+            problems.append(f"kafka.{key}: {path} {why}: name a readable file")
+    return problems
 
 
 DEFAULT_CAPTURE_PATHS = (
@@ -572,7 +705,11 @@ def format_validation_error(
             hint = f"unknown key; allowed: {', '.join(allowed)}" if allowed else "unknown key"
             lines.append(f"  {loc}: {hint}")
         else:
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+            got = err.get("input")
+            if isinstance(got, Mapping) or "password" in loc or isinstance(got, SecretStr):
+                lines.append(f"  {loc}: {err['msg']}")  # a whole table may hold a secret
+            else:
+                lines.append(f"  {loc}: {err['msg']} (got {got!r})")
     return "\n".join(lines)
 
 

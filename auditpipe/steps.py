@@ -24,12 +24,12 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import Field
 
 from auditpipe.errors import ConfigError
-from auditpipe.plugins import available, load_entry_point
+from auditpipe.plugins import available, bind_config_model, load_entry_point
 from auditpipe.schemas import Event
 from auditpipe.settings import StrictModel, validate_model
 
@@ -37,19 +37,33 @@ ENTRY_POINT_GROUP = "auditpipe.processors"
 DEFAULT_CHAIN = ("enrich", "redact", "sample")
 
 #: What a chain holds: any callable ``event -> event | None`` (a :class:`ProcessorStep`, or a
-#: plain function such as ``auditpipe.processors.validate_step``).
+#: plain function such as ``auditpipe.processors.validate_step``). The one definition: the
+#: processors, the sinks and the producer import it from here.
 Step = Callable[[Event], Event | None]
 
 
-class ProcessorStep:
-    """Base class of configurable steps. Subclasses set ``name``, ``version`` and ``Config``."""
+ConfigT = TypeVar("ConfigT", bound=StrictModel)
+
+
+class ProcessorStep(Generic[ConfigT]):
+    """Base class of configurable steps, generic over their config model.
+
+    A subclass names its model once, ``class MyStep(ProcessorStep[MyConfig])``, and sets
+    ``name`` (and ``version`` when its behaviour changes); ``Config`` follows from the generic
+    argument and ``self.config`` is typed as ``MyConfig``. A step without settings subclasses
+    ``ProcessorStep[StrictModel]``.
+    """
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StrictModel]] = StrictModel
 
-    def __init__(self, config: StrictModel | None = None) -> None:
-        self.config = config if config is not None else self.Config()
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bind_config_model(cls, ProcessorStep)
+
+    def __init__(self, config: ConfigT | None = None) -> None:
+        self.config: ConfigT = config if config is not None else cast(ConfigT, self.Config())
 
     @property
     def __name__(self) -> str:  # used in dead-letter headers ("step:<name>")

@@ -24,7 +24,7 @@ from typing import Any
 
 import faust
 
-from auditpipe.kafka import require_bootstrap
+from auditpipe.kafka import faust_broker_options
 from auditpipe.metrics import Latency, Source, Stage, exposition, make_registry, serve_async
 from auditpipe.settings import Settings
 
@@ -44,9 +44,8 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
     steps = chain_for(settings.pipeline)  # validate the chain before anything connects
     kafka = settings.kafka
     proc = settings.processors
-    bootstrap = require_bootstrap(kafka)
     options: dict[str, Any] = {
-        "broker": ",".join(f"kafka://{b.strip()}" for b in bootstrap.split(",")),
+        **faust_broker_options(kafka),  # broker URLs and [kafka] TLS/SASL credentials
         # JSON by default (the counts topic and table); the pipeline's topics are raw bytes
         "value_serializer": "json",
         "key_serializer": "json",

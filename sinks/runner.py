@@ -58,7 +58,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from auditpipe.schemas import DecodeError, Event, decode
 
 from auditpipe.dlq import dead_letter_headers
-from auditpipe.kafka import producer_kwargs, require_bootstrap
+from auditpipe.kafka import client_kwargs, producer_kwargs, start_client
 from auditpipe.metrics import Latency
 from auditpipe.settings import Settings
 
@@ -190,7 +190,7 @@ class SinkRunner:
             else max(100, min(1000, session_ms // 3))
         )
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=require_bootstrap(kafka),
+            **client_kwargs(kafka),
             client_id=f"{kafka.client_id}-sink-{self.sink.name}",
             group_id=self.group_id,
             enable_auto_commit=False,
@@ -221,8 +221,8 @@ class SinkRunner:
                 self.health_address = (sock[0], sock[1])
                 log.info("sink %s: /healthz and /metrics on http://%s:%d", self.sink.name,
                          sock[0], sock[1])  # fmt: skip
-            await self._dlq.start()
-            await consumer.start()
+            await start_client(self._dlq, kafka)
+            await start_client(consumer, kafka)
             self._running = True
             await self._loop(consumer)
         finally:
