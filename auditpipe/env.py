@@ -114,21 +114,20 @@ def _sink_children(file_sinks: Mapping[str, Any]) -> Children:
     return children
 
 
-def settings_tree(data: Mapping[str, Any] | None = None) -> Node:
-    """The names an override can reach: every ``Settings`` table, sinks and pipeline steps."""
-    from .settings import Settings
-
+def settings_tree(root: type[BaseModel], data: Mapping[str, Any] | None = None) -> Node:
+    """The names an override can reach: every table of ``root`` (``Settings``), the sinks and
+    the pipeline steps. ``root`` is passed in: the settings module imports this one."""
     sinks = (data or {}).get("sinks")
     file_sinks = sinks if isinstance(sinks, Mapping) else {}
 
-    def root() -> dict[str, Node]:
-        out = dict(_model_children(Settings, "")())
+    def tables() -> dict[str, Node]:
+        out = dict(_model_children(root, "")())
         out = {k: Node(v.children, v.annotation, k) for k, v in out.items()}
         out["sinks"] = Node(_sink_children(file_sinks), table="sinks")
         out["pipeline"] = Node(lambda: _step_children("pipeline"), table="pipeline")
         return out
 
-    return Node(root)
+    return Node(tables)
 
 
 def _match(rest: str, children: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -252,9 +251,18 @@ def _json(var: str, text: str) -> Any:
         raise ConfigError(f"environment: {var}: not valid JSON ({exc.msg} at {exc.pos})") from None
 
 
-def overrides(env: Mapping[str, str], data: Mapping[str, Any] | None = None) -> list[Override]:
-    """The settings overrides among ``env`` (sorted by name; other variables are skipped)."""
-    tree = settings_tree(data)
+def overrides(
+    env: Mapping[str, str],
+    root: type[BaseModel] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> list[Override]:
+    """The settings overrides among ``env`` (sorted by name; other variables are skipped).
+    ``root``: the settings model (default: ``auditpipe.settings.Settings``)."""
+    if root is None:
+        from importlib import import_module  # not an import edge: settings imports this module
+
+        root = import_module("auditpipe.settings").Settings
+    tree = settings_tree(root, data)
     out = []
     for var in sorted(env):
         resolved = resolve(var, tree)
@@ -264,9 +272,11 @@ def overrides(env: Mapping[str, str], data: Mapping[str, Any] | None = None) -> 
     return out
 
 
-def apply_env(data: dict[str, Any], env: Mapping[str, str], origin: str) -> dict[str, Any]:
+def apply_env(
+    data: dict[str, Any], env: Mapping[str, str], origin: str, root: type[BaseModel]
+) -> dict[str, Any]:
     """``data`` (the parsed file) with every override of ``env`` set in it, in place."""
-    for o in overrides(env, data):
+    for o in overrides(env, root, data):
         table = data
         for i, part in enumerate(o.path[:-1]):
             sub = table.setdefault(part, {})

@@ -29,12 +29,21 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 import orjson
 
-if TYPE_CHECKING:
-    from .settings import LoggingSettings
+
+class LoggingConfig(Protocol):
+    """What :func:`setup` reads: ``auditpipe.settings.LoggingSettings`` (``[logging]``)."""
+
+    @property
+    def format(self) -> str: ...
+    @property
+    def level(self) -> str | None: ...
+    @property
+    def utc(self) -> bool: ...
+
 
 LEVELS = {
     "trace": logging.DEBUG,
@@ -158,7 +167,7 @@ class TextFormatter(logging.Formatter):
 
 
 def setup(
-    config: LoggingSettings | None = None,
+    config: LoggingConfig | None = None,
     default_level: str = "warning",
     override: str | None = None,
     stream: IO[str] | None = None,

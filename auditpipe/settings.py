@@ -32,27 +32,19 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from .errors import ConfigError
+from .models import StrictModel, validate_model
 
 ENV_PREFIX = "AUDITPIPE_"
-
-
-class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class KafkaSettings(StrictModel):
@@ -633,7 +625,7 @@ def load_settings(
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     from .env import apply_env  # the one override rule (AUDITPIPE_<TABLE>_<KEY>), see there
 
-    apply_env(data, _compat_env(env), origin)
+    apply_env(data, _compat_env(env), origin, Settings)
     settings = validate_model(Settings, data, origin)
     validate_plugin_tables(settings, origin, "pipeline" in data)
     return settings
@@ -681,47 +673,6 @@ def _compat_env(env: Mapping[str, str]) -> dict[str, str]:
         if short in out:
             out.setdefault(full, out.pop(short))
     return out
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def validate_model(model: type[M], data: Any, origin: str, prefix: str = "") -> M:
-    """``model.model_validate(data)`` with errors rewritten as one readable ConfigError."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, model, origin, prefix)) from None
-
-
-def format_validation_error(
-    exc: ValidationError, model: type[BaseModel], origin: str, prefix: str = ""
-) -> str:
-    lines = [f"{origin}: invalid settings"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *err["loc"]))
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, err["loc"][:-1])
-            hint = f"unknown key; allowed: {', '.join(allowed)}" if allowed else "unknown key"
-            lines.append(f"  {loc}: {hint}")
-        else:
-            got = err.get("input")
-            if isinstance(got, Mapping) or "password" in loc or isinstance(got, SecretStr):
-                lines.append(f"  {loc}: {err['msg']}")  # a whole table may hold a secret
-            else:
-                lines.append(f"  {loc}: {err['msg']} (got {got!r})")
-    return "\n".join(lines)
-
-
-def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    current: Any = model
-    for part in loc:
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        current = fields[part].annotation
-    fields = getattr(current, "model_fields", None)
-    return sorted(fields) if fields else []
 
 
 def settings_path_from_env(env: Mapping[str, str] | None = None) -> Path | None:

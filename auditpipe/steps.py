@@ -29,9 +29,9 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 from pydantic import Field
 
 from auditpipe.errors import ConfigError
+from auditpipe.models import StrictModel, validate_model
 from auditpipe.plugins import available, bind_config_model, load_entry_point
 from auditpipe.schemas import Event
-from auditpipe.settings import StrictModel, validate_model
 
 ENTRY_POINT_GROUP = "auditpipe.processors"
 DEFAULT_CHAIN = ("enrich", "redact", "sample")

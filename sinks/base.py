@@ -43,8 +43,8 @@ from typing import Any, ClassVar, Generic, Protocol, cast, runtime_checkable
 from auditpipe.schemas import Event
 
 from auditpipe.errors import AuditpipeError, ConfigError
+from auditpipe.models import StrictModel, validate_model
 from auditpipe.plugins import available, bind_config_model, load_entry_point
-from auditpipe.settings import StrictModel, validate_model
 from auditpipe.steps import ConfigT, Step, available_steps, build_chain, load_step_class
 
 ENTRY_POINT_GROUP = "auditpipe.sinks"
