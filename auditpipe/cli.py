@@ -36,7 +36,7 @@ from .errors import AuditpipeError, ConfigError
 from .settings import Settings, load_settings, settings_path_from_env, validate_model
 
 #: Commands that run until stopped log at INFO unless [logging] level says otherwise.
-LONG_RUNNING = frozenset({"process", "sink", "broker", "proxy", "receive", "serve"})
+LONG_RUNNING = frozenset({"process", "sink", "broker", "proxy", "receive", "serve", "demo"})
 
 
 def _default_level(args: argparse.Namespace) -> str:
