@@ -251,3 +251,35 @@ def test_processes_sharing_a_spool_dir_get_slots_of_their_own(
         first.stop()
         second.stop()
     assert list(spool_dir.glob("*.seg")) and list(Path(f"{spool_dir}.1").glob("*.seg"))
+
+
+def test_a_delivery_that_timed_out_is_spooled_not_dropped(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """aiokafka fails a batch it could not deliver in request_timeout_ms with KafkaTimeoutError,
+    whose ``retriable`` flag is False. The broker being away is not a rejection: the events
+    go back to the spool (they were dropped as kafka_rejected before auditpipe.retry), while a
+    real rejection (too large) is still counted as dropped."""
+    from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+
+    s = unreachable(settings, spool_dir=str(tmp_path / "spool"))
+    producer = AuditProducer(s)
+    producer._spool = producer._open_spool()
+    assert producer._spool is not None
+
+    def fail(exc: BaseException) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            fut: asyncio.Future[Any] = loop.create_future()
+            fut.set_exception(exc)
+            producer._track(fut, [b"v1", b"v2"])
+            loop.run_until_complete(asyncio.sleep(0))  # run the done callback
+        finally:
+            loop.close()
+
+    fail(KafkaTimeoutError())
+    stats = producer.stats()
+    assert stats["spooled"] == 2 and "kafka_rejected" not in stats["dropped"]
+    fail(MessageSizeTooLargeError())
+    assert producer.stats()["dropped"]["kafka_rejected"] == 2
+    producer._spool.close()
