@@ -104,7 +104,8 @@ def run_serve(settings: Settings, origin: str) -> int:
     import uvicorn
 
     from .app import create_app
-    from .store import Store
+    from .erasure import erasing_deleter
+    from .store import Store, delete_completion
 
     serve = settings.serve
     keys = check_access(serve, origin)
@@ -112,7 +113,12 @@ def run_serve(settings: Settings, origin: str) -> int:
     sock = bind(serve.host, serve.port)
     with database(config) as dsn:
         prepare_schema(dsn, config, serve.migrate)
-        app = create_app(Store(config, serve, dsn), keys, page_size=serve.page_size)
+        # DELETE erases the record from every configured store (docs/privacy.md)
+        others = [n for n in settings.sinks if n != "postgres"]
+        deleter = erasing_deleter(settings.sinks, origin) if others else delete_completion
+        app = create_app(
+            Store(config, serve, dsn), keys, page_size=serve.page_size, deleter=deleter
+        )
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         access = (

@@ -41,9 +41,7 @@ from auditpipe.sinks.postgres import (
 
 from auditpipe.settings import ServeSettings
 
-CHAT_WITH_ANSWER = (
-    f"{CHAT_COMPLETIONS_PREDICATE} AND r.raw_response ? 'choices'"
-)
+CHAT_WITH_ANSWER = f"{CHAT_COMPLETIONS_PREDICATE} AND r.raw_response ? 'choices'"
 
 
 @dataclass
