@@ -193,11 +193,16 @@ class FileSink(Sink):
         try:
             if self._fd is None:
                 self._open()
-            with self._lock, self.erase_lock():
-                self._follow_swap()
-                if self._due(len(data)):
-                    self._rotate()
-                self._append(data)
+            with self._lock:
+                # a rotation waits for the previous housekeeping, which takes the erase lock:
+                # wait before taking it
+                if self._housekeeping_done is not None and self._due(len(data)):
+                    self._housekeeping_done.result()
+                with self.erase_lock():
+                    self._follow_swap()
+                    if self._due(len(data)):
+                        self._rotate()
+                    self._append(data)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             what = "disk full" if full else "write failed"
