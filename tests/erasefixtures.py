@@ -127,7 +127,8 @@ class S3Harness:
             await sink.start()
             try:
                 for i in range(0, len(events), 5):
-                    await sink.write(Batch(events[i : i + 5], "audit.events", 0, range(i, i + 5)))
+                    chunk = events[i : i + 5]
+                    await sink.write(Batch(chunk, "audit.events", 0, range(i, i + len(chunk))))
             finally:
                 await sink.stop()
 

@@ -43,7 +43,17 @@ def fake_mongo() -> Iterator[FilteringMongo]:
         server.stop()
 
 
-@pytest.fixture(params=["file", "s3-jsonl", "s3-avro", "s3-per-event", "postgres", "mongodb"])
+# Every selector on file, s3 (jsonl), postgres and mongodb; two on the other S3 layouts (the
+# selector code is the same there; this keeps the run short).
+CASES = [
+    (store, which)
+    for store in ("file", "s3-jsonl", "postgres", "mongodb", "s3-avro", "s3-per-event")
+    for which in SELECTORS
+    if not store.startswith(("s3-avro", "s3-per")) or which in ("user", "metadata")
+]
+
+
+@pytest.fixture
 def harness(
     request: Any, tmp_path: Path, moto_s3: MotoS3, pg_dsn: str, fake_mongo: FilteringMongo
 ) -> Any:
@@ -71,14 +81,14 @@ async def erase_with(harness: Any, selector: Selector, dry_run: bool = False) ->
 
 
 class TestEveryStore:
-    @pytest.mark.parametrize("which", list(SELECTORS))
+    @pytest.mark.parametrize(("harness", "which"), CASES, indirect=["harness"])
     def test_erases_exactly_the_selected_records_and_leaves_others_byte_identical(
         self, harness: Any, which: str
     ) -> None:
         """The selected records are gone, every other record is stored byte for byte as before,
         and a second erasure is a no-op."""
         selector = SELECTORS[which]
-        events = population()
+        events = population(36 if harness.name == "s3" else 60)
         expected = {e["event_id"] for e in events if selector.matches(e)}
         assert 0 < len(expected) < len(events)
         harness.load(events)
