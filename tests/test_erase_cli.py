@@ -1,0 +1,246 @@
+"""`auditpipe erase` and `auditpipe retention` end to end: receipts, exit codes, refusal, the
+erasure event on Kafka (embedded broker), kill -9 mid-erasure then a rerun, and serve's DELETE
+through the erasure path."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from auditpipe.privacy.selector import Selector
+from auditpipe.schemas import decode
+
+from auditpipe.cli import main
+
+from .erasefixtures import FileHarness, PgHarness, S3Harness, population
+from .kafkautil import consume
+from .sinkfixtures import MotoS3
+
+KEY = "k3y-for-tests"
+
+
+def write_config(path: Path, harnesses: list[Any], extra: str = "") -> Path:
+    lines = [extra]
+    for h in harnesses:
+        lines.append(f"[sinks.{h.name}]")
+        for k, v in h.config.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(capsys: Any, *argv: str) -> tuple[int, Any]:
+    code = main(list(argv))
+    out = capsys.readouterr().out
+    try:
+        return code, json.loads(out)
+    except json.JSONDecodeError:
+        return code, out
+
+
+@pytest.fixture(autouse=True)
+def hash_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUDITPIPE_ERASURE_HASH_KEY", KEY)
+    monkeypatch.setenv("AUDITPIPE_OPERATOR", "dpo@example.com")
+
+
+class TestEraseCommand:
+    def test_erases_from_every_store_and_writes_an_erasure_event_without_the_subject(
+        self, tmp_path: Path, moto_s3: MotoS3, pg_dsn: str, kafka_bootstrap: str,
+        capsys: Any,
+    ) -> None:  # fmt: skip
+        """Receipt per sink; the event on kafka.events_topic has counts and an HMAC, not the
+        user's id or content."""
+        events = population(24)
+        stores = [FileHarness(tmp_path), S3Harness(moto_s3), PgHarness(pg_dsn)]
+        for h in stores:
+            h.load(events)
+        topic = f"events-{os.getpid()}-{time.monotonic_ns()}"
+        cfg = write_config(
+            tmp_path / "c.toml", stores,
+            f'[kafka]\nbootstrap = "{kafka_bootstrap}"\nevents_topic = "{topic}"\n',
+        )  # fmt: skip
+        n = sum(Selector("user", "alice").matches(e) for e in events)
+
+        code, dry = run_cli(capsys, "erase", "--config", str(cfg), "--user", "alice",
+                            "--dry-run", "--json")  # fmt: skip
+        assert code == 0 and [r["matched"] for r in dry["receipts"]] == [n, n, n]
+
+        code, out = run_cli(capsys, "erase", "--config", str(cfg), "--user", "alice", "--yes",
+                            "--reason", "GDPR art. 17 ticket 42", "--json")  # fmt: skip
+        assert code == 0, out
+        assert {r["sink"]: (r["matched"], r["erased"]) for r in out["receipts"]} == {
+            "file": (n, n), "s3": (n, n), "postgres": (n, n),
+        }  # fmt: skip
+        assert out["event_sent"] == topic
+        (record,) = asyncio.run(consume(kafka_bootstrap, topic, 1))
+        event = decode(record.value)
+        assert event["log_type"] == "erasure" and event["event_id"] == out["event_id"]
+        meta = event["metadata"]
+        subject = json.dumps({"kind": "user", "metadata": {}, "value": "alice"},
+                             separators=(",", ":")).encode()  # fmt: skip
+        assert meta["selector_hmac"] == hmac.new(KEY.encode(), subject, hashlib.sha256).hexdigest()
+        assert meta["erased"] == str(3 * n) and meta["operator"] == "dpo@example.com"
+        assert meta["reason"] == "GDPR art. 17 ticket 42"
+        assert "alice" not in record.value.decode("latin-1")
+        assert event["input"] is None and event["output"] is None
+
+        code, again = run_cli(capsys, "erase", "--config", str(cfg), "--user", "alice", "--yes",
+                              "--json")  # fmt: skip
+        assert code == 0 and all(r["erased"] == 0 for r in again["receipts"])
+
+    def test_without_yes_and_without_a_terminal_it_refuses_and_changes_nothing(
+        self, tmp_path: Path, capsys: Any
+    ) -> None:
+        h = FileHarness(tmp_path)
+        h.load(population(12))
+        before = h.snapshot()
+        cfg = write_config(tmp_path / "c.toml", [h])
+        assert main(["erase", "--config", str(cfg), "--user", "alice"]) == 5
+        assert "refused" in capsys.readouterr().err
+        assert h.snapshot() == before
+
+    def test_bad_usage_names_the_fix(self, tmp_path: Path, capsys: Any) -> None:
+        h = FileHarness(tmp_path)
+        cfg = write_config(tmp_path / "c.toml", [h])
+        for argv, expected in (
+            (["--user", "a", "--tenant", "b"], "exactly one subject"),
+            ([], "exactly one subject"),
+            (["--metadata", "novalue"], "KEY=VALUE"),
+            (["--user", "a", "--since", "2026-12-02", "--until", "2026-12-01"], "--since"),
+            (["--user", "a", "--sink", "mongodb"], "no [sinks.mongodb] table"),
+            (["--user", "a", "--override-retention"], "needs --reason"),
+        ):
+            assert main(["erase", "--config", str(cfg), *argv, "--yes"]) == 2
+            assert expected in capsys.readouterr().err
+
+    def test_the_hash_key_is_required_before_anything_is_erased(
+        self, tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("AUDITPIPE_ERASURE_HASH_KEY")
+        h = FileHarness(tmp_path)
+        h.load(population(12))
+        before = h.snapshot()
+        cfg = write_config(tmp_path / "c.toml", [h])
+        assert main(["erase", "--config", str(cfg), "--user", "alice", "--yes"]) == 2
+        assert "AUDITPIPE_ERASURE_HASH_KEY" in capsys.readouterr().err
+        assert h.snapshot() == before
+
+    def test_min_retention_keeps_young_records_exit_4_and_override_is_on_the_receipt(
+        self, tmp_path: Path, capsys: Any, kafka_bootstrap: str
+    ) -> None:
+        now = time.time_ns() // 1_000_000
+        h = FileHarness(tmp_path)
+        h.load(population(12, base_ms=now - 86_400_000))
+        privacy = "[privacy]\nmin_retention_days = 183\n"
+        cfg = write_config(tmp_path / "k.toml", [h],
+                           f'[kafka]\nbootstrap = "{kafka_bootstrap}"\n{privacy}')  # fmt: skip
+        code, out = run_cli(capsys, "erase", "--config", str(cfg), "--user", "alice", "--yes",
+                            "--json")  # fmt: skip
+        assert code == 4 and out["receipts"][0]["erased"] == 0
+        assert list(out["receipts"][0]["skipped"]) == [
+            "younger than [privacy] min_retention_days (183 days)"
+        ]
+        cfg = write_config(tmp_path / "c.toml", [h], privacy)
+        code, out = run_cli(capsys, "erase", "--config", str(cfg), "--user", "alice", "--yes",
+                            "--override-retention", "--reason", "court order 7")  # fmt: skip
+        assert code == 1  # erased, but no kafka.bootstrap for the event: says so
+        assert "erased 4" in out and "overridden: court order 7" in out
+        assert "erasure event NOT sent (kafka.bootstrap is not set)" in out
+
+
+class TestRetentionCommand:
+    def test_reports_then_applies_what_aged_out(
+        self, tmp_path: Path, moto_s3: MotoS3, capsys: Any
+    ) -> None:
+        now = time.time_ns() // 1_000_000
+        old = population(10, base_ms=now - 40 * 86_400_000)
+        new = population(10, base_ms=now - 86_400_000)
+        f, s = FileHarness(tmp_path, retention_days=30), S3Harness(moto_s3, retention_days=30)
+        plain = FileHarness(tmp_path)
+        plain.name = "file2"  # type: ignore[misc]
+        for h in (f, s):
+            h.load(old + new)
+        cfg = tmp_path / "c.toml"
+        write_config(cfg, [f, s])
+        code, out = run_cli(capsys, "retention", "--config", str(cfg), "--json")
+        assert code == 0
+        assert [(r["sink"], r["aged_out"], r["erased"]) for r in out["sinks"]] == [
+            ("file", 10, 0), ("s3", 10, 0),
+        ]  # fmt: skip
+        code, out = run_cli(capsys, "retention", "--config", str(cfg), "--apply", "--json")
+        assert code == 0 and [r["erased"] for r in out["sinks"]] == [10, 10]
+        keep = {e["event_id"] for e in new}
+        assert set(f.snapshot()) == keep and set(s.snapshot()) == keep
+
+    def test_retention_shorter_than_min_retention_is_a_config_error(
+        self, tmp_path: Path, capsys: Any
+    ) -> None:
+        cfg = write_config(tmp_path / "c.toml", [FileHarness(tmp_path, retention_days=30)],
+                           "[privacy]\nmin_retention_days = 183\n")  # fmt: skip
+        assert main(["retention", "--config", str(cfg)]) == 2
+        assert "sinks.file.retention_days" in capsys.readouterr().err
+
+
+class TestInterrupted:
+    @pytest.mark.parametrize("store", ["file", "postgres", "s3"])
+    def test_kill_9_mid_erasure_then_rerun_completes_and_loses_nothing_that_stays(
+        self, store: str, tmp_path: Path, moto_s3: MotoS3, pg_dsn: str
+    ) -> None:
+        events = population(36)
+        if store == "file":
+            h: Any = FileHarness(tmp_path)
+        elif store == "postgres":
+            h = PgHarness(pg_dsn)
+        else:
+            h = S3Harness(moto_s3, concurrency=1)
+        h.load(events)
+        before = h.snapshot()
+        sel = Selector("user", "alice")
+        doomed = {e["event_id"] for e in events if sel.matches(e)}
+        cfg = write_config(tmp_path / "c.toml", [h])
+        marker = tmp_path / "marker"
+        env = {**os.environ, "AUDITPIPE_ERASURE_HASH_KEY": KEY}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.erase_victim", store, str(cfg), str(marker)],
+            cwd=Path(__file__).parent.parent, env=env, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not marker.exists():
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "the erasure never reached its midpoint"
+                time.sleep(0.02)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        middle = h.snapshot()
+        assert {k: v for k, v in before.items() if k not in doomed} == {
+            k: v for k, v in middle.items() if k not in doomed
+        }, "a record that must stay was lost or changed"
+        assert 0 < len(set(middle) & doomed) < len(doomed)  # really interrupted half-way
+
+        from auditpipe.privacy.erasure import erase_everywhere
+
+        async def rerun() -> Any:
+            sink = h.sink()
+            try:
+                return await erase_everywhere({store: sink}, sel)
+            finally:
+                await sink.stop()
+
+        (receipt,) = asyncio.run(rerun())
+        assert receipt.error is None and receipt.erased == len(set(middle) & doomed)
+        assert h.snapshot() == {k: v for k, v in before.items() if k not in doomed}
+        if store == "file":
+            assert not list(h.dir.glob("*.erase-tmp"))
