@@ -244,3 +244,87 @@ class TestInterrupted:
         assert h.snapshot() == {k: v for k, v in before.items() if k not in doomed}
         if store == "file":
             assert not list(h.dir.glob("*.erase-tmp"))
+
+
+class TestServeDelete:
+    def _server(self, pg: PgHarness, sinks: dict[str, Any]) -> Any:
+        import uvicorn
+        from auditpipe.api.app import create_app
+        from auditpipe.api.auth import KeyRing
+        from auditpipe.api.erasure import erasing_deleter
+        from auditpipe.api.store import Store
+        from auditpipe.sinks.postgres import PostgresConfig
+
+        from auditpipe.broker import free_port
+        from auditpipe.settings import ServeSettings
+
+        serve = ServeSettings()
+        app = create_app(
+            Store(PostgresConfig(dsn=pg.dsn, schema_name=pg.schema), serve, pg.dsn),
+            KeyRing(serve),
+            deleter=erasing_deleter(sinks, "test"),
+        )
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                               log_level="warning"))  # fmt: skip
+        return server, f"http://127.0.0.1:{port}/v1"
+
+    def _run(self, pg: PgHarness, sinks: dict[str, Any], body: Any) -> None:
+        import threading
+
+        import openai
+
+        from .conftest import wait_until
+
+        server, url = self._server(pg, sinks)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: server.started, 15, "the API server to start")
+            body(openai.OpenAI(base_url=url, api_key="sk-local", max_retries=0))
+        finally:
+            server.should_exit = True
+            thread.join(10)
+
+    def test_delete_erases_the_record_from_every_configured_store(
+        self, tmp_path: Path, moto_s3: MotoS3, pg_dsn: str
+    ) -> None:
+        events = population(12)
+        pg, f, s = PgHarness(pg_dsn), FileHarness(tmp_path), S3Harness(moto_s3)
+        for h in (pg, f, s):
+            h.load(events)
+        gone = events[5]["event_id"]
+        before = {h.name: h.snapshot() for h in (pg, f, s)}
+
+        def body(client: Any) -> None:
+            deleted = client.chat.completions.delete("chatcmpl-5")
+            assert deleted.deleted is True and deleted.id == "chatcmpl-5"
+
+        self._run(pg, {"postgres": pg.config, "file": f.config, "s3": s.config}, body)
+        for h in (pg, f, s):
+            assert h.snapshot() == {k: v for k, v in before[h.name].items() if k != gone}
+
+    def test_a_store_that_fails_makes_delete_answer_503_and_nothing_is_deleted(
+        self, tmp_path: Path, moto_s3: MotoS3, pg_dsn: str
+    ) -> None:
+        import openai
+
+        events = population(6)
+        pg, f = PgHarness(pg_dsn), FileHarness(tmp_path)
+        for h in (pg, f):
+            h.load(events)
+        broken = S3Harness(moto_s3, bucket="no-such-bucket-here")
+        before = pg.snapshot()
+
+        def body(client: Any) -> None:
+            with pytest.raises(openai.InternalServerError) as err:
+                client.chat.completions.delete("chatcmpl-2")
+            assert err.value.status_code == 503
+            error = err.value.body
+            assert error["code"] == "store_unavailable" and "s3" in error["message"]
+            assert "retry" in error["message"]
+            assert client.chat.completions.retrieve("chatcmpl-2").id == "chatcmpl-2"
+
+        sinks = {"postgres": pg.config, "file": f.config, "s3": broken.config}
+        self._run(pg, sinks, body)
+        assert pg.snapshot() == before
