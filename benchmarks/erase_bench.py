@@ -48,8 +48,9 @@ def median_of(n: int, fn: Any) -> tuple[float, Any]:
 
 def bench_pg(dsn: str, rows: int) -> dict[str, Any]:
     import psycopg
-    from auditpipe.privacy.selector import Selector
     from auditpipe.sinks.postgres import PostgresSink, migration_sql
+
+    from auditpipe.privacy.selector import Selector
 
     schema = f"erase_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(dsn) as conn:
@@ -88,15 +89,15 @@ def bench_pg(dsn: str, rows: int) -> dict[str, Any]:
 
 
 def bench_s3(objects: int) -> dict[str, Any]:
-    from auditpipe.privacy.selector import Selector
+    import logging
+
     from auditpipe.schemas import new_event
     from auditpipe.sinks import Batch
     from auditpipe.sinks.s3 import S3Sink
     from moto.server import ThreadedMotoServer
 
     from auditpipe.broker import free_port
-
-    import logging
+    from auditpipe.privacy.selector import Selector
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()

@@ -289,7 +289,7 @@ class S3Sink(Sink):
             return lines, [_loads_or_empty(line) for line in lines]
         if key.endswith(".avro"):
             reader = fastavro.reader(io.BytesIO(body))
-            records = list(reader)
+            records: list[Any] = list(reader)
             return records, records
         if key.endswith(".json"):
             return [body], [_loads_or_empty(body)]

@@ -67,7 +67,9 @@ class FileHarness:
 
     def __init__(self, tmp: Path, **extra: Any) -> None:
         self.dir = tmp / f"files-{uuid.uuid4().hex[:6]}"
-        self.config = {"path": str(self.dir / "audit.jsonl"), "max_bytes": 6000, "backups": 1000, **extra}
+        self.config = {
+            "path": str(self.dir / "audit.jsonl"), "max_bytes": 6000, "backups": 1000, **extra,
+        }  # fmt: skip
 
     def sink(self) -> FileSink:
         sink = FileSink.from_mapping(self.config)
@@ -150,9 +152,8 @@ class S3Harness:
         out = b""
         for page in client.get_paginator("list_object_versions").paginate(Bucket=self.bucket):
             for v in page.get("Versions", []):
-                body = client.get_object(Bucket=self.bucket, Key=v["Key"], VersionId=v["VersionId"])[
-                    "Body"
-                ].read()
+                got = client.get_object(Bucket=self.bucket, Key=v["Key"], VersionId=v["VersionId"])
+                body = got["Body"].read()
                 out += gzip.decompress(body) if v["Key"].endswith(".gz") else body
         return out
 
@@ -256,7 +257,7 @@ def mongo_match(doc: dict[str, Any], flt: dict[str, Any]) -> bool:
             for op, arg in cond.items():
                 if value is None:
                     return False
-                if op == "$gte" and not value >= arg or op == "$lt" and not value < arg:
+                if (op == "$gte" and not value >= arg) or (op == "$lt" and not value < arg):
                     return False
                 if op not in ("$gte", "$lt"):
                     raise AssertionError(f"operator {op} not modelled")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from auditpipe.privacy.erasure import Erasable, erase_everywhere
 from auditpipe.privacy.selector import Selector
 
@@ -146,8 +147,9 @@ class TestFiles:
                 await sink.stop()
 
         asyncio.run(run())
-        kept = [e["event_id"] for e in events[:6] if e.get("user") != "alice"
-                and e["metadata"].get("user") != "alice"] + [e["event_id"] for e in events[6:]]  # fmt: skip
+        alice = Selector("user", "alice")
+        kept = [e["event_id"] for e in events[:6] if not alice.matches(e)]
+        kept += [e["event_id"] for e in events[6:]]
         assert list(h.snapshot()) == kept
 
 
@@ -170,9 +172,7 @@ class TestS3:
     ) -> None:
         h = S3Harness(moto_s3)
         client: Any = moto_s3.client()
-        client.put_bucket_versioning(
-            Bucket=h.bucket, VersioningConfiguration={"Status": "Enabled"}
-        )
+        client.put_bucket_versioning(Bucket=h.bucket, VersioningConfiguration={"Status": "Enabled"})
         h.load(population())
         asyncio.run(erase_with(h, Selector("user", "alice")))
         stored = h.all_versions_bytes()
@@ -180,9 +180,7 @@ class TestS3:
 
     def test_objects_under_object_lock_are_skipped_and_reported(self, moto_s3: MotoS3) -> None:
         bucket = moto_s3.new_bucket(object_lock=True)
-        h = S3Harness(
-            moto_s3, bucket, object_lock_mode="GOVERNANCE", object_lock_retention_days=7
-        )
+        h = S3Harness(moto_s3, bucket, object_lock_mode="GOVERNANCE", object_lock_retention_days=7)
         events = population(20)
         h.load(events)
         before = h.snapshot()

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from auditpipe.privacy.selector import Selector
 from auditpipe.schemas import decode
 
 from auditpipe.cli import main
+from auditpipe.privacy.selector import Selector
 
 from .erasefixtures import FileHarness, PgHarness, S3Harness, population
 from .kafkautil import consume

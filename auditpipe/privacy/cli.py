@@ -34,7 +34,7 @@ from .erasure import (
     hash_key,
     operator_name,
 )
-from .selector import Selector
+from .selector import Kind, Selector
 
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL, EXIT_REFUSED = 0, 1, 4, 5
 
@@ -51,10 +51,9 @@ def _ms(value: str | None, option: str) -> int | None:
 
 
 def selector_from_args(args: argparse.Namespace) -> Selector:
-    chosen = [
-        (kind, getattr(args, kind))
-        for kind in ("user", "tenant", "request_id", "event_id")
-        if getattr(args, kind) is not None
+    kinds: tuple[Kind, ...] = ("user", "tenant", "request_id", "event_id")
+    chosen: list[tuple[Kind, Any]] = [
+        (kind, getattr(args, kind)) for kind in kinds if getattr(args, kind) is not None
     ]
     if args.metadata:
         chosen.append(("metadata", args.metadata))
