@@ -333,17 +333,15 @@ class FileSink(Sink):
     # A file that holds selected lines is rewritten without them: the kept lines byte for
     # byte (gzip again for .gz segments) into ``NAME.erase-tmp``, fsynced, renamed over the
     # original and the directory fsynced, so a crash leaves either the old or the new file,
-    # never a half. The whole pass holds ``PATH.lock`` (flock), which the writer and the
+    # never a half. The whole pass holds a flock on the directory, which the writer and the
     # housekeeping thread also take: no batch is appended to, and no segment gzipped from, a
     # file being rewritten. The writer notices that the active file was swapped (another
     # inode at ``path``) and reopens it.
 
-    def erase_lock_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".lock")
-
     @contextlib.contextmanager
     def erase_lock(self) -> Iterator[None]:
-        fd = os.open(self.erase_lock_path(), os.O_RDWR | os.O_CREAT, 0o640)
+        # flock on the directory itself: no lock file beside the segments
+        fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
