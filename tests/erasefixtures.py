@@ -174,10 +174,10 @@ class S3Harness:
 class PgHarness:
     name = "postgres"
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, **extra: Any) -> None:
         self.dsn = dsn
         self.schema = f"e_{uuid.uuid4().hex[:10]}"
-        self.config = {"dsn": dsn, "schema_name": self.schema, "auto_migrate": True}
+        self.config = {"dsn": dsn, "schema_name": self.schema, "auto_migrate": True, **extra}
 
     def sink(self) -> PostgresSink:
         sink = PostgresSink.from_mapping(self.config)
@@ -209,9 +209,9 @@ class PgHarness:
 class MongoHarness:
     name = "mongodb"
 
-    def __init__(self, fake: FilteringMongo) -> None:
+    def __init__(self, fake: FilteringMongo, **extra: Any) -> None:
         self.fake = fake
-        self.config = {"uri": fake.uri, "server_selection_timeout_secs": 5}
+        self.config = {"uri": fake.uri, "server_selection_timeout_secs": 5, **extra}
 
     def sink(self) -> MongoSink:
         sink = MongoSink.from_mapping(self.config)

@@ -22,7 +22,14 @@ from auditpipe.schemas import decode
 from auditpipe.cli import main
 from auditpipe.privacy.selector import Selector
 
-from .erasefixtures import FileHarness, PgHarness, S3Harness, population
+from .erasefixtures import (
+    FileHarness,
+    FilteringMongo,
+    MongoHarness,
+    PgHarness,
+    S3Harness,
+    population,
+)
 from .kafkautil import consume
 from .sinkfixtures import MotoS3
 
@@ -161,27 +168,36 @@ class TestEraseCommand:
 
 class TestRetentionCommand:
     def test_reports_then_applies_what_aged_out(
-        self, tmp_path: Path, moto_s3: MotoS3, capsys: Any
+        self, tmp_path: Path, moto_s3: MotoS3, pg_dsn: str, capsys: Any
     ) -> None:
+        """file, s3, postgres and mongodb (mockupdb) with retention_days = 30; a sink without
+        it keeps everything."""
         now = time.time_ns() // 1_000_000
         old = population(10, base_ms=now - 40 * 86_400_000)
         new = population(10, base_ms=now - 86_400_000)
-        f, s = FileHarness(tmp_path, retention_days=30), S3Harness(moto_s3, retention_days=30)
-        plain = FileHarness(tmp_path)
-        plain.name = "file2"  # type: ignore[misc]
-        for h in (f, s):
-            h.load(old + new)
-        cfg = tmp_path / "c.toml"
-        write_config(cfg, [f, s])
-        code, out = run_cli(capsys, "retention", "--config", str(cfg), "--json")
-        assert code == 0
-        assert [(r["sink"], r["aged_out"], r["erased"]) for r in out["sinks"]] == [
-            ("file", 10, 0), ("s3", 10, 0),
-        ]  # fmt: skip
-        code, out = run_cli(capsys, "retention", "--config", str(cfg), "--apply", "--json")
-        assert code == 0 and [r["erased"] for r in out["sinks"]] == [10, 10]
-        keep = {e["event_id"] for e in new}
-        assert set(f.snapshot()) == keep and set(s.snapshot()) == keep
+        mongo = FilteringMongo()
+        try:
+            stores: list[Any] = [
+                FileHarness(tmp_path, retention_days=30), S3Harness(moto_s3, retention_days=30),
+                PgHarness(pg_dsn, retention_days=30), MongoHarness(mongo, retention_days=30),
+            ]  # fmt: skip
+            for h in stores:
+                h.load(old + new)
+            cfg = write_config(tmp_path / "c.toml", stores)
+            code, out = run_cli(capsys, "retention", "--config", str(cfg), "--json")
+            assert code == 0
+            assert [(r["sink"], r["aged_out"], r["erased"]) for r in out["sinks"]] == [
+                ("file", 10, 0), ("s3", 10, 0), ("postgres", 10, 0), ("mongodb", 10, 0),
+            ]  # fmt: skip
+            code, out = run_cli(capsys, "retention", "--config", str(cfg), "--apply", "--json")
+            assert code == 0 and [r["erased"] for r in out["sinks"]] == [10, 10, 10, 10]
+            keep = {e["event_id"] for e in new}
+            assert all(set(h.snapshot()) == keep for h in stores)
+            plain = write_config(tmp_path / "p.toml", [FileHarness(tmp_path)])
+            code, text = run_cli(capsys, "retention", "--config", str(plain))
+            assert code == 0 and "file: no retention_days: keeps every record" in text
+        finally:
+            mongo.stop()
 
     def test_retention_shorter_than_min_retention_is_a_config_error(
         self, tmp_path: Path, capsys: Any
@@ -328,3 +344,45 @@ class TestServeDelete:
         sinks = {"postgres": pg.config, "file": f.config, "s3": broken.config}
         self._run(pg, sinks, body)
         assert pg.snapshot() == before
+
+
+class TestConfirmation:
+    @pytest.mark.parametrize(("answer", "code"), [(b"erase\n", 1), (b"no\n", 5)])
+    def test_on_a_terminal_it_shows_the_counts_and_asks(
+        self, tmp_path: Path, answer: bytes, code: int
+    ) -> None:
+        """Typing `erase` erases (exit 1 here only because no Kafka takes the event); anything
+        else refuses (exit 5) and changes nothing."""
+        import pty
+
+        h = FileHarness(tmp_path)
+        events = population(12)
+        h.load(events)
+        before = h.snapshot()
+        cfg = write_config(tmp_path / "c.toml", [h])
+        primary, secondary = pty.openpty()
+        env = {**os.environ, "AUDITPIPE_ERASURE_HASH_KEY": KEY}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "auditpipe", "erase", "--config", str(cfg), "--user", "alice"],
+            stdin=secondary, stdout=secondary, stderr=secondary, env=env,
+        )  # fmt: skip
+        os.close(secondary)
+        seen = b""
+        try:
+            deadline = time.monotonic() + 30
+            while b"Type 'erase' to proceed" not in seen:
+                assert time.monotonic() < deadline, seen
+                seen += os.read(primary, 4096)
+            assert b"About to erase 4 record(s) matching user 'alice'" in seen
+            assert b"file: 4 record(s) match" in seen
+            os.write(primary, answer)
+            assert proc.wait(30) == code
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            os.close(primary)
+        doomed = {e["event_id"] for e in events if Selector("user", "alice").matches(e)}
+        if code == 5:
+            assert h.snapshot() == before
+        else:
+            assert h.snapshot() == {k: v for k, v in before.items() if k not in doomed}
