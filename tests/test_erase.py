@@ -241,3 +241,45 @@ class TestFailures:
         by = {r.sink: r for r in asyncio.run(run())}
         assert by["file"].error is None and by["file"].erased == 4
         assert by["s3"].error is not None and "NoSuchBucket" in by["s3"].error
+
+
+class TestS3ConditionalRewrite:
+    def test_an_object_rewritten_during_the_erasure_is_read_again_not_overwritten(
+        self, moto_s3: MotoS3
+    ) -> None:
+        """If-Match on the ETag read: a batch redelivered between our GET and PUT makes the put
+        fail (412 on moto as on S3); the object is read again and what was added survives."""
+        import gzip
+
+        import orjson
+        from auditpipe.sinks.s3 import S3Sink
+
+        h = S3Harness(moto_s3)
+        events = population(5)
+        h.load(events)
+        ((key, body),) = h.objects().items()
+        extra = population(1, base_ms=BASE_MS + 1)[0]
+        extra["request_id"] = "late"
+        sink = h.sink()
+        original = S3Sink._encode
+        raced = []
+
+        def encode(self: S3Sink, k: str, original_body: bytes, kept: list[Any]) -> bytes:
+            if not raced:  # another writer replaces the object after our GET
+                raced.append(k)
+                lines = gzip.decompress(body) + orjson.dumps(extra) + b"\n"
+                client: Any = moto_s3.client()
+                client.put_object(Bucket=h.bucket, Key=k, Body=gzip.compress(lines))
+            return original(self, k, original_body, kept)
+
+        sink._encode = encode.__get__(sink)  # type: ignore[method-assign]
+        try:
+            result = asyncio.run(sink.erase(Selector("request_id", "req-1")))
+        finally:
+            asyncio.run(sink.stop())
+        assert raced == [key] and result.erased == 1
+        ids = set(h.snapshot())
+        assert extra["event_id"] in ids and events[1]["event_id"] not in ids
+        assert ids == {e["event_id"] for e in events if e["request_id"] != "req-1"} | {
+            extra["event_id"]
+        }
