@@ -8,3 +8,5 @@ here, so ``auditpipe export`` needs no web server packages. This package imports
 sink's public read interface (``auditpipe.sinks.postgres``: table names, the migration, column
 expressions), never the producer or the processors.
 """
+
+__all__: list[str] = []  # nothing is imported here (see above); use the modules

@@ -113,12 +113,18 @@ def run_serve(settings: Settings, origin: str) -> int:
     sock = bind(serve.host, serve.port)
     with database(config) as dsn:
         prepare_schema(dsn, config, serve.migrate)
+        from auditpipe.metrics import RequestMetrics, make_registry, serve_thread
+
         # DELETE erases the record from every configured store (docs/privacy.md)
         others = [n for n in settings.sinks if n != "postgres"]
         deleter = erasing_deleter(settings.sinks, origin) if others else delete_completion
-        app = create_app(
-            Store(config, serve, dsn), keys, page_size=serve.page_size, deleter=deleter
-        )
+        app = RequestMetrics(
+            create_app(Store(config, serve, dsn), keys, page_size=serve.page_size,
+                       deleter=deleter),
+            "serve",
+        )  # fmt: skip
+        m = settings.metrics
+        metrics = serve_thread(make_registry(app.source())[0], m.host, m.port)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         access = (
@@ -133,7 +139,9 @@ def run_serve(settings: Settings, origin: str) -> int:
             flush=True,
         )
         server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", lifespan="on", server_header=False)
+            uvicorn.Config(
+                app, log_config=None, access_log=False, lifespan="on", server_header=False
+            )
         )
         # uvicorn re-raises the signal that stopped it once it has shut down; with SIGTERM's
         # default action that would kill the process before the database is let go
@@ -142,6 +150,8 @@ def run_serve(settings: Settings, origin: str) -> int:
             server.run(sockets=[sock])
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if metrics is not None:
+                metrics.close()
     return 0
 
 

@@ -6,6 +6,8 @@
     auditpipe redact [--config FILE] [INPUT|-] [-o OUTPUT|-] [--rejects FILE]
     auditpipe sink NAME --migrate [--config FILE]                  create the sink's tables
     auditpipe broker [--port PORT]                                 the embedded broker alone
+    auditpipe topics [--config FILE] [--create]                    show/create the topics
+    auditpipe demo [--config FILE] [--requests N|--rate R]         demo server + traffic
     auditpipe proxy --upstream URL [--host H] [--port P] [--config FILE]  auditing reverse proxy
     auditpipe ingest [--config FILE] [--follow] [--state FILE] [FILE ...|-]  audit JSONL in
     auditpipe receive [--host H] [--port P] [--config FILE]       KServe logger receiver
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -37,10 +38,32 @@ from typing import Any
 from .errors import AuditpipeError, ConfigError
 from .settings import Settings, load_settings, settings_path_from_env, validate_model
 
+#: Commands that run until stopped log at INFO unless [logging] level says otherwise.
+LONG_RUNNING = frozenset({"process", "sink", "broker", "proxy", "receive", "serve", "demo"})
+
+
+def _default_level(args: argparse.Namespace) -> str:
+    long_running = args.command in LONG_RUNNING or (
+        args.command == "ingest" and getattr(args, "follow", False)
+    )
+    if args.command == "sink" and (args.list or args.migrate):
+        long_running = False
+    # Faust's and mode's INFO is a Starting/Stopping line per internal service: noise by default
+    return "info,faust=warning,mode=warning" if long_running else "warning"
+
+
+def _level_override(args: argparse.Namespace) -> str | None:
+    return args.log_level or getattr(args, "loglevel", None)
+
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """The settings, and auditpipe's logging set up from their ``[logging]`` table."""
+    from . import logs
+
     path = args.config or settings_path_from_env()
-    return load_settings(path)
+    settings = load_settings(path)
+    logs.setup(settings.logging, _default_level(args), _level_override(args))
+    return settings
 
 
 def _origin(args: argparse.Namespace) -> str:
@@ -66,9 +89,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def cmd_process(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from .kafka import require_bootstrap
+    from .kafka import preflight
 
-    require_bootstrap(settings.kafka)
+    asyncio.run(preflight(settings.kafka))  # bootstrap, certificates, CA: fail here, by key
     try:
         from auditpipe.processors.app import run_worker
     except ImportError as exc:
@@ -76,7 +99,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             f"the processor worker needs faust-streaming ({exc}): "
             "pip install 'auditpipe[processors]'"
         ) from None
-    run_worker(settings, loglevel=args.loglevel)
+    run_worker(settings)
     return 0
 
 
@@ -98,9 +121,9 @@ def cmd_sink(args: argparse.Namespace) -> int:
         asyncio.run(migrate())
         print(f"sink {args.name}: schema is up to date", file=sys.stderr)
         return 0
-    from .kafka import require_bootstrap
+    from .kafka import preflight
 
-    require_bootstrap(settings.kafka)
+    asyncio.run(preflight(settings.kafka))  # bootstrap, certificates, CA: fail here, by key
     sink = create_sink(args.name, settings.sinks, _origin(args))
     return asyncio.run(_run_sink(sink, settings))
 
@@ -206,12 +229,17 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     sock = _serve.bind(cfg.host, cfg.port)
     producer = AuditProducer(settings)
     proxy = ProxyApp(cfg.upstream, cfg)
-    app = AuditMiddleware(proxy, producer)
+    from .metrics import RequestMetrics, make_registry, producer_stage, proxy_stage
+
+    app = RequestMetrics(AuditMiddleware(proxy, producer), "proxy")  # requests, status, latency
+    registry = make_registry(app.source(), proxy_stage(proxy), producer_stage(producer))[0]
     return _serve.run(
-        app,
-        producer,
-        sock,
-        f"auditpipe proxy: listening on {{url}}, forwarding to {cfg.upstream} "
+        registry=registry,
+        metrics=settings.metrics,
+        app=app,
+        producer=producer,
+        sock=sock,
+        banner=f"auditpipe proxy: listening on {{url}}, forwarding to {cfg.upstream} "
         f"(capture: {settings.producer.capture}, transport: {settings.producer.transport})",
         on_stop=lambda: f"proxy: {dict(proxy.stats)}",
     )
@@ -242,10 +270,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
     producer = AuditProducer(settings)
     receiver = KServeReceiver(producer, cfg)
     return _serve.run(
-        receiver,
-        producer,
-        sock,
-        "auditpipe receive: KServe logger CloudEvents on {url} (pair timeout "
+        registry=receiver.metrics_registry(),
+        metrics=settings.metrics,
+        app=receiver,
+        producer=producer,
+        sock=sock,
+        banner="auditpipe receive: KServe logger CloudEvents on {url} (pair timeout "
         f"{cfg.pair_timeout_secs:g} s, transport: {settings.producer.transport})",
         on_stop=lambda: f"receiver: {receiver.snapshot()}",
     )
@@ -379,9 +409,76 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    """The pipeline's topics: partitions and retention; ``--create`` creates the missing ones."""
+    from .kafka import admin_client, create_missing_topics, describe_topics
+
+    settings = _settings(args)
+
+    async def run() -> tuple[list[str], list[Any]]:
+        async with admin_client(settings.kafka) as admin:
+            created = await create_missing_topics(admin, settings.kafka) if args.create else []
+            return created, await describe_topics(admin, settings.kafka)
+
+    created, topics = asyncio.run(run())
+    print(f"{'TOPIC':<32} {'ROLE':<7} {'PARTITIONS':>10} {'RETENTION':>12}  NOTE")
+    for t in topics:
+        note = "created" if t.name in created else ""
+        if not t.exists:
+            note = "missing (auditpipe topics --create creates it)"
+        elif t.wanted_retention_ms is not None and t.retention_ms not in (
+            None,
+            t.wanted_retention_ms,
+        ):
+            note = f"retention differs from [kafka] {t.role}_retention_secs"
+        parts = str(t.partitions) if t.exists else "-"
+        print(f"{t.name:<32} {t.role:<7} {parts:>10} {_duration(t.retention_ms):>12}  {note}")
+    missing = [t.name for t in topics if not t.exists]
+    return 1 if missing else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The demo server with the audit hook, sending itself traffic with the openai client."""
+    settings = _settings(args)
+    try:
+        import openai  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"auditpipe demo needs {exc.name}: pip install 'auditpipe[demo]'"
+        ) from None
+    from .demo_traffic import DemoOptions, run_demo
+
+    options = DemoOptions(
+        host=args.host,
+        port=args.port,
+        requests=args.requests,
+        rate_per_sec=args.rate,
+        concurrency=args.concurrency,
+    )
+    return asyncio.run(run_demo(settings, options))
+
+
+def _duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    if ms < 0:
+        return "forever"
+    secs = ms // 1000
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size and secs % size == 0:
+            return f"{secs // size}{unit}"
+    return f"{secs}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auditpipe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-level", default="WARNING", help="log level for stderr (WARNING)")
+    parser.add_argument(
+        "--log-level",
+        help="log levels, e.g. info,auditpipe.sinks=debug (default: [logging] level, or "
+        "AUDITPIPE_LOG; info for long-running commands, warning for the others)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="run broker, processor, sink and a demo server, send traffic")
@@ -398,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     proc = sub.add_parser("process", help="run a processor worker (Faust)")
     proc.add_argument("--config", help="settings file (TOML)")
-    proc.add_argument("--loglevel", default="warning", help="worker log level (warning)")
+    proc.add_argument("--loglevel", help="same as auditpipe --log-level (kept for old scripts)")
     proc.set_defaults(func=cmd_process)
 
     sink = sub.add_parser("sink", help="run a sink consumer, or list installed sinks")
@@ -504,6 +601,37 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", help="output file (default: stdout, or -)")
     export.set_defaults(func=cmd_export)
 
+    topics = sub.add_parser(
+        "topics",
+        help="show the pipeline's topics (partitions, retention); --create creates missing ones",
+        description="Lists raw, events and dlq ([kafka] *_topic) and every other topic on the "
+        "cluster with partitions and retention. --create creates the missing pipeline topics "
+        "with [kafka] partitions, replication_factor and *_retention_secs (existing ones are "
+        "left alone). Exit 1 when a pipeline topic is missing.",
+    )
+    topics.add_argument("--config", help="settings file (TOML): [kafka]")
+    topics.add_argument("--create", action="store_true", help="create missing pipeline topics")
+    topics.set_defaults(func=cmd_topics)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the demo OpenAI-compatible server with the audit hook and send it traffic",
+        description="What `auditpipe dev` runs in front of its pipeline, alone: the events go "
+        "to [kafka] raw_topic (or stdout with [producer] transport = stdout). Traffic: the "
+        "official openai client against this server's loopback address.",
+    )
+    demo.add_argument("--config", help="settings file (TOML): [kafka], [producer]")
+    demo.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8000, help="listen port (8000; 0: any free)")
+    demo.add_argument(
+        "--requests", type=int, help="send N requests, flush, exit (0: serve only, no traffic)"
+    )
+    demo.add_argument(
+        "--rate", type=float, default=1.0, help="without --requests: requests/s until SIGTERM (1)"
+    )
+    demo.add_argument("--concurrency", type=int, default=4, help="parallel requests (4)")
+    demo.set_defaults(func=cmd_demo)
+
     from auditpipe.schemas.compat import Mode
 
     schemas = sub.add_parser("schemas", help="schema versions and compatibility")
@@ -538,15 +666,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _early_logging(args: argparse.Namespace) -> None:
+    """Logging before the settings are read (commands without settings keep this one)."""
+    import os
+
+    from pydantic import ValidationError
+
+    from . import logs
+    from .settings import LoggingSettings
+
+    override = _level_override(args)
+    if override is not None:
+        try:
+            logs.parse_level_spec(override)
+        except ValueError as exc:
+            raise ConfigError(f"--log-level: {exc}") from None
+    env = os.environ
+    try:  # the environment's [logging] already; a bad value is reported when settings load
+        config = LoggingSettings(
+            level=env.get("AUDITPIPE_LOGGING_LEVEL", env.get("AUDITPIPE_LOG")) or None,
+            format=env.get("AUDITPIPE_LOGGING_FORMAT", env.get("AUDITPIPE_LOG_FORMAT", "text")),
+        )
+    except ValidationError:
+        config = None
+    logs.setup(config, _default_level(args), override)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
     try:
+        _early_logging(args)
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"auditpipe: configuration error: {exc}", file=sys.stderr)

@@ -127,13 +127,12 @@ async def run_dev(settings: Settings, options: DevOptions) -> int:
 
 
 async def _run_dev(settings: Settings, options: DevOptions, where: str | None) -> int:
-    from auditpipe.sinks import create_sink
+    from auditpipe.sinks import Migratable, create_sink
 
     sink = create_sink(options.sink, settings.sinks, options.origin)  # fail fast on bad config
     started = time.monotonic()
-    migrate = getattr(sink, "migrate", None)
-    if migrate is not None:  # dev creates or upgrades the store's schema itself
-        await migrate()
+    if isinstance(sink, Migratable):  # dev creates or upgrades the store's schema itself
+        await sink.migrate()
         progress(f"sink {sink.name}: schema is up to date")
     if where:
         progress(where)
@@ -182,7 +181,8 @@ async def _run_with_worker(
             AuditMiddleware(create_demo_app(), producer),
             host="127.0.0.1",
             port=port,
-            log_level="warning",
+            log_config=None,
+            access_log=False,
             lifespan="off",
         )
     )

@@ -16,8 +16,14 @@ File layout (every table optional; unknown keys are rejected)::
     [sinks.NAME] the settings of sink NAME (validated by that sink's own model)
     [pipeline]   processor steps and [pipeline.STEP] tables (validated by auditpipe.processors)
 
-Environment: ``AUDITPIPE_<TABLE>_<KEY>`` overrides ``[table] key``; for example
-``AUDITPIPE_KAFKA_BOOTSTRAP=host:9092`` sets ``[kafka] bootstrap``.
+    [logging]    format, level (per-logger), utc          -> LoggingSettings
+    [metrics]    host/port of /metrics                     -> MetricsSettings
+
+Environment: ``AUDITPIPE_<TABLE>_<KEY>`` overrides ``[table] key``, nested tables joined the
+same way (``AUDITPIPE_SINKS_POSTGRES_DSN``); see auditpipe/env.py for the whole rule.
+
+Units: keys carry their unit in the name; durations are ``_secs`` (float seconds) for every new
+key (a few older ones say ``_ms``), sizes ``_bytes``.
 """
 
 from __future__ import annotations
@@ -27,19 +33,19 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
+from .models import StrictModel, validate_model
 
 ENV_PREFIX = "AUDITPIPE_"
-
-
-class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class KafkaSettings(StrictModel):
@@ -53,6 +59,131 @@ class KafkaSettings(StrictModel):
     replication_factor: int = Field(1, ge=1)
     client_id: str = "auditpipe"
     request_timeout_ms: int = Field(30_000, ge=1000)
+    # -- retention of the topics auditpipe creates (`auditpipe topics --create`, `dev`) --------
+    raw_retention_secs: int = Field(
+        259_200,
+        ge=1,
+        description="retention.ms of raw_topic when auditpipe creates it (3 days): the raw topic"
+        " is the only one with unredacted content, so keep it short",
+    )
+    events_retention_secs: int = Field(
+        604_800, ge=1, description="retention.ms of events_topic when auditpipe creates it"
+    )
+    dlq_retention_secs: int = Field(
+        604_800, ge=1, description="retention.ms of dlq_topic when auditpipe creates it"
+    )
+    # -- security: every Kafka client (hook, processors, sinks, DLQ, tools) --------------------
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="of every Kafka client (producer hook, processors, sinks, DLQ, tools);"
+        " SSL and SASL_SSL use the ssl_* keys, SASL_* the sasl_* keys (docs/kafka.md)",
+    )
+    ssl_cafile: str | None = Field(
+        None, description="PEM file of the CA(s) that signed the brokers' certificates"
+    )
+    ssl_certfile: str | None = Field(None, description="client certificate (PEM), for mTLS")
+    ssl_keyfile: str | None = Field(None, description="the client certificate's private key")
+    ssl_key_password_file: str | None = Field(
+        None, description="file holding the password of an encrypted ssl_keyfile"
+    )
+    ssl_check_hostname: bool = Field(
+        True, description="check that the broker's certificate names the host connected to"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = (
+        Field(None, description="required with SASL_PLAINTEXT and SASL_SSL")
+    )
+    sasl_username: str | None = Field(None, description="PLAIN and SCRAM-SHA-256/512")
+    sasl_password: SecretStr | None = Field(
+        None, description="prefer AUDITPIPE_KAFKA_SASL_PASSWORD or sasl_password_file; never logged"
+    )
+    sasl_password_file: str | None = Field(
+        None, description="file holding the SASL password (read when a client is built)"
+    )
+    sasl_oauth_token_file: str | None = Field(
+        None,
+        description="OAUTHBEARER: file holding the bearer token, read again at every"
+        " authentication (a sidecar can refresh it)",
+    )
+
+    @model_validator(mode="after")
+    def _security_combinations(self) -> KafkaSettings:
+        problems = kafka_security_problems(self)
+        if problems:
+            raise ValueError("\n    ".join(problems))
+        return self
+
+
+_SSL_FILE_KEYS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password_file")
+_FILE_KEYS = (*_SSL_FILE_KEYS, "sasl_password_file", "sasl_oauth_token_file")
+
+
+def kafka_security_problems(kafka: KafkaSettings) -> list[str]:
+    """What is wrong with ``[kafka]``'s security keys, each naming the key and the fix."""
+    proto = kafka.security_protocol
+    tls, sasl = proto in ("SSL", "SASL_SSL"), proto.startswith("SASL_")
+    problems = []
+    for key in _SSL_FILE_KEYS:
+        if getattr(kafka, key) and not tls:
+            problems.append(
+                f"kafka.{key} is set but kafka.security_protocol is {proto}: set "
+                f'security_protocol = "SSL" (or "SASL_SSL") to use TLS, or remove {key}'
+            )
+    if kafka.ssl_certfile and not kafka.ssl_keyfile:
+        problems.append(
+            "kafka.ssl_certfile needs kafka.ssl_keyfile (the certificate's private key; name the"
+            " same file when the PEM holds both)"
+        )
+    if kafka.ssl_keyfile and not kafka.ssl_certfile:
+        problems.append("kafka.ssl_keyfile needs kafka.ssl_certfile (the client certificate)")
+    if kafka.ssl_key_password_file and not kafka.ssl_keyfile:
+        problems.append("kafka.ssl_key_password_file is set without kafka.ssl_keyfile")
+    mech = kafka.sasl_mechanism
+    if sasl and mech is None:
+        problems.append(
+            f"kafka.security_protocol = {proto!r} needs kafka.sasl_mechanism: set it to PLAIN, "
+            'SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER (or security_protocol = "SSL" / '
+            '"PLAINTEXT" for no SASL)'
+        )
+    sasl_keys = ("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file",
+                 "sasl_oauth_token_file")  # fmt: skip
+    if not sasl:
+        for key in sasl_keys:
+            if getattr(kafka, key) is not None:
+                problems.append(
+                    f"kafka.{key} is set but kafka.security_protocol is {proto}: set "
+                    f'security_protocol = "SASL_SSL" (or "SASL_PLAINTEXT"), or remove {key}'
+                )
+    if mech in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        if not kafka.sasl_username:
+            problems.append(f"kafka.sasl_mechanism = {mech!r} needs kafka.sasl_username")
+        if kafka.sasl_password is None and not kafka.sasl_password_file:
+            problems.append(
+                f"kafka.sasl_mechanism = {mech!r} needs a password: set "
+                "AUDITPIPE_KAFKA_SASL_PASSWORD or kafka.sasl_password_file"
+            )
+        if kafka.sasl_password is not None and kafka.sasl_password_file:
+            problems.append(
+                "kafka.sasl_password and kafka.sasl_password_file are both set: keep one"
+            )
+        if kafka.sasl_oauth_token_file:
+            problems.append(
+                f"kafka.sasl_oauth_token_file is for OAUTHBEARER, not {mech}: remove it"
+            )
+    if mech == "OAUTHBEARER":
+        if not kafka.sasl_oauth_token_file:
+            problems.append(
+                "kafka.sasl_mechanism = 'OAUTHBEARER' needs kafka.sasl_oauth_token_file (a file"
+                " holding the bearer token)"
+            )
+        for key in ("sasl_username", "sasl_password", "sasl_password_file"):
+            if getattr(kafka, key) is not None:
+                problems.append(f"kafka.{key} is not used by OAUTHBEARER: remove it")
+    for key in _FILE_KEYS:
+        path = getattr(kafka, key)
+        if path and not os.access(path, os.R_OK):
+            why = "does not exist" if not os.path.exists(path) else "is not readable"
+            problems.append(f"kafka.{key}: {path} {why}: name a readable file")
+    return problems
 
 
 DEFAULT_CAPTURE_PATHS = (
@@ -423,6 +554,49 @@ class PrivacySettings(StrictModel):
     )
 
 
+class LoggingSettings(StrictModel):
+    """``[logging]``: auditpipe's own log lines (see auditpipe/logs.py, docs/operations.md).
+
+    ``AUDITPIPE_LOG`` and ``AUDITPIPE_LOG_FORMAT`` set ``level`` and ``format`` too.
+    """
+
+    format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line; json: one JSON object per line"
+    )
+    level: str | None = Field(
+        None,
+        description="a level and per-logger levels, e.g. 'info,auditpipe.sinks=debug,aiokafka=warn'"
+        " (default: info for long-running commands, warning for the others)",
+    )
+    utc: bool = Field(True, description="timestamps in UTC (false: local time with its offset)")
+
+    @field_validator("level")
+    @classmethod
+    def _level_spec(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .logs import parse_level_spec
+
+            try:
+                parse_level_spec(value)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (set by [logging] level or AUDITPIPE_LOG)") from None
+        return value
+
+
+class MetricsSettings(StrictModel):
+    """``[metrics]``: where long-running commands serve ``/metrics`` (Prometheus)."""
+
+    host: str = Field("127.0.0.1", description="address of the /metrics listener")
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve /metrics (and /healthz) on this port (0: any free port; unset: off,"
+        " except where a command already serves /metrics: runner.health_port, the receiver's"
+        " own port, processors.web_port)",
+    )
+
+
 class Settings(StrictModel):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
@@ -435,14 +609,12 @@ class Settings(StrictModel):
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     sinks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     pipeline: dict[str, Any] = Field(
         default_factory=dict, description="processor chain; validated by auditpipe.processors"
     )
-
-
-_TABLES = ("kafka", "producer", "processors", "runner", "source", "registry", "proxy", "ingest",
-           "receiver", "serve", "privacy")  # fmt: skip
 
 
 def load_settings(
@@ -464,17 +636,38 @@ def load_settings(
             raise ConfigError(f"{path}: no such settings file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    for var, value in _compat_env(env).items():
-        if not var.startswith(ENV_PREFIX):
-            continue
-        rest = var[len(ENV_PREFIX) :].lower()
-        table, _, key = rest.partition("_")
-        if table in _TABLES and key:
-            section = data.setdefault(table, {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"{origin}: [{table}] must be a table")
-            section[key] = value
-    return validate_model(Settings, data, origin)
+    from .env import apply_env  # the one override rule (AUDITPIPE_<TABLE>_<KEY>), see there
+
+    apply_env(data, _compat_env(env), origin, Settings)
+    settings = validate_model(Settings, data, origin)
+    validate_plugin_tables(settings, origin, "pipeline" in data)
+    return settings
+
+
+def validate_plugin_tables(settings: Settings, origin: str, pipeline: bool = True) -> None:
+    """Every ``[sinks.NAME]`` table (run or not) and ``[pipeline]`` against their models.
+
+    Only configs are validated: no sink or step is built, no driver (boto3, pymongo, psycopg)
+    is imported, so a typo in a sink this process does not run is still an error naming the
+    key.
+    """
+    if settings.sinks:
+        from auditpipe.sinks.base import load_sink_class
+
+        for name, table in sorted(settings.sinks.items()):
+            cls = load_sink_class_for(name, load_sink_class)
+            cls.check_mapping(table, origin)
+    if pipeline:
+        from auditpipe.steps import build_chain
+
+        build_chain(settings.pipeline, origin, instantiate=False)
+
+
+def load_sink_class_for(name: str, load: Any) -> Any:
+    try:
+        return load(name)
+    except ConfigError as exc:
+        raise ConfigError(f"sinks.{name}: {exc}") from None
 
 
 def _compat_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -488,44 +681,11 @@ def _compat_env(env: Mapping[str, str]) -> dict[str, str]:
         out.setdefault("AUDITPIPE_PRODUCER_ENABLED", env["AUDITPIPE_ENABLED"])
     if env.get("DYN_AUDIT_STDOUT", "").strip().lower() in ("1", "true", "yes", "on"):
         out.setdefault("AUDITPIPE_PRODUCER_TRANSPORT", "stdout")
+    for short, full in (("AUDITPIPE_LOG", "AUDITPIPE_LOGGING_LEVEL"),
+                        ("AUDITPIPE_LOG_FORMAT", "AUDITPIPE_LOGGING_FORMAT")):  # fmt: skip
+        if short in out:
+            out.setdefault(full, out.pop(short))
     return out
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def validate_model(model: type[M], data: Any, origin: str, prefix: str = "") -> M:
-    """``model.model_validate(data)`` with errors rewritten as one readable ConfigError."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, model, origin, prefix)) from None
-
-
-def format_validation_error(
-    exc: ValidationError, model: type[BaseModel], origin: str, prefix: str = ""
-) -> str:
-    lines = [f"{origin}: invalid settings"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *err["loc"]))
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, err["loc"][:-1])
-            hint = f"unknown key; allowed: {', '.join(allowed)}" if allowed else "unknown key"
-            lines.append(f"  {loc}: {hint}")
-        else:
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
-
-
-def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    current: Any = model
-    for part in loc:
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        current = fields[part].annotation
-    fields = getattr(current, "model_fields", None)
-    return sorted(fields) if fields else []
 
 
 def settings_path_from_env(env: Mapping[str, str] | None = None) -> Path | None:

@@ -24,32 +24,46 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import Field
 
 from auditpipe.errors import ConfigError
-from auditpipe.plugins import available, load_entry_point
+from auditpipe.models import StrictModel, validate_model
+from auditpipe.plugins import available, bind_config_model, load_entry_point
 from auditpipe.schemas import Event
-from auditpipe.settings import StrictModel, validate_model
 
 ENTRY_POINT_GROUP = "auditpipe.processors"
 DEFAULT_CHAIN = ("enrich", "redact", "sample")
 
 #: What a chain holds: any callable ``event -> event | None`` (a :class:`ProcessorStep`, or a
-#: plain function such as ``auditpipe.processors.validate_step``).
+#: plain function such as ``auditpipe.processors.validate_step``). The one definition: the
+#: processors, the sinks and the producer import it from here.
 Step = Callable[[Event], Event | None]
 
 
-class ProcessorStep:
-    """Base class of configurable steps. Subclasses set ``name``, ``version`` and ``Config``."""
+ConfigT = TypeVar("ConfigT", bound=StrictModel)
+
+
+class ProcessorStep(Generic[ConfigT]):
+    """Base class of configurable steps, generic over their config model.
+
+    A subclass names its model once, ``class MyStep(ProcessorStep[MyConfig])``, and sets
+    ``name`` (and ``version`` when its behaviour changes); ``Config`` follows from the generic
+    argument and ``self.config`` is typed as ``MyConfig``. A step without settings subclasses
+    ``ProcessorStep[StrictModel]``.
+    """
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StrictModel]] = StrictModel
 
-    def __init__(self, config: StrictModel | None = None) -> None:
-        self.config = config if config is not None else self.Config()
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bind_config_model(cls, ProcessorStep)
+
+    def __init__(self, config: ConfigT | None = None) -> None:
+        self.config: ConfigT = config if config is not None else cast(ConfigT, self.Config())
 
     @property
     def __name__(self) -> str:  # used in dead-letter headers ("step:<name>")
@@ -124,11 +138,13 @@ def build_chain(
     origin: str = "settings",
     prefix: str = "pipeline",
     default: tuple[str, ...] = DEFAULT_CHAIN,
+    instantiate: bool = True,
 ) -> list[ProcessorStep]:
     """Validate a chain table (``steps`` plus one table per step) and instantiate its steps in
     order, before anything connects. ``prefix`` is where the table lives in the settings
     (``pipeline``, ``sinks.postgres``): errors name the key there. ``default``: the steps when
-    the table has no ``steps``."""
+    the table has no ``steps``. ``instantiate=False`` validates only (no step is built, so a
+    secret a step reads at construction need not be present), and returns []."""
     data = dict(pipeline or {})
     step_tables = {k: data.pop(k) for k in list(data) if k != "steps"}
     if "steps" not in data:
@@ -142,11 +158,13 @@ def build_chain(
             f"{origin}: [{prefix}.{unknown[0]}] configures a step that is not in {prefix}.steps "
             f"({', '.join(config.steps) or 'empty'}); add it there or remove the table"
         )
-    chain = []
+    configured = []
     for name, cls in classes:
         table = step_tables.get(name) or step_tables.get(getattr(cls, "name", name)) or {}
         if not isinstance(table, Mapping):
             raise ConfigError(f"{origin}: [{prefix}.{name}] must be a table")
         cfg = validate_model(cls.Config, dict(table), origin, f"{prefix}.{name}")
-        chain.append(cls(cfg))
-    return chain
+        configured.append((cls, cfg))
+    if not instantiate:
+        return []
+    return [cls(cfg) for cls, cfg in configured]

@@ -27,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from typing import Any
 
 from auditpipe.producer import AuditMiddleware, AuditProducer
@@ -36,6 +35,7 @@ from auditpipe.schemas import new_event
 from auditpipe.broker import EmbeddedBroker
 from auditpipe.kafka import ensure_topics
 from auditpipe.settings import ProducerSettings, Settings, load_settings
+from auditpipe.testing import isolated_settings
 
 COMPRESSION = os.environ.get("BENCH_COMPRESSION", ProducerSettings().compression)
 BATCH_BYTES = int(os.environ.get("BENCH_BATCH_BYTES", "1048576"))
@@ -79,20 +79,10 @@ def percentiles(samples_ns: list[int]) -> dict[str, float]:
 
 
 def settings_for(bootstrap: str, **producer: Any) -> Settings:
-    base = load_settings(env={})
-    suffix = uuid.uuid4().hex[:8]
-    kafka = base.kafka.model_copy(
-        update={
-            "bootstrap": bootstrap,
-            "raw_topic": f"bench-{suffix}.raw",
-            "events_topic": f"bench-{suffix}.events",
-            "dlq_topic": f"bench-{suffix}.dlq",
-            "partitions": 3,
-        }
-    )
+    base = isolated_settings(bootstrap, partitions=3, embedded=False)  # topics of its own
     spool = os.path.join(tempfile.mkdtemp(prefix="auditpipe-bench-"), "spool")
     p = base.producer.model_copy(update={"spool_dir": spool, **producer})
-    s = base.model_copy(update={"kafka": kafka, "producer": p})
+    s = base.model_copy(update={"producer": p})
     asyncio.run(ensure_topics(s.kafka))
     return s
 

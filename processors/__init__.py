@@ -1,12 +1,12 @@
 """Processor steps (pure functions of an event) and the Faust app that runs them."""
 
-from .base import DEFAULT_CHAIN, ProcessorStep, available_steps, build_chain
+from auditpipe.steps import DEFAULT_CHAIN, available_steps, build_chain
+
 from .pipeline import Outcome, chain_for, process_record
-from .steps import DEFAULT_STEPS, Step, record_step, validate_step
+from .steps import ProcessorStep, Step, record_step, validate_step
 
 __all__ = [
     "DEFAULT_CHAIN",
-    "DEFAULT_STEPS",
     "Outcome",
     "ProcessorStep",
     "Step",

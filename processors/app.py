@@ -16,13 +16,16 @@ import multiprocessing
 import os
 import random
 import tempfile
+import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import faust
 
-from auditpipe.kafka import require_bootstrap
+from auditpipe.kafka import faust_broker_options
+from auditpipe.metrics import Latency, Source, Stage, exposition, make_registry, serve_async
 from auditpipe.settings import Settings
 
 from .pipeline import Outcome, chain_for, process_record
@@ -41,9 +44,8 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
     steps = chain_for(settings.pipeline)  # validate the chain before anything connects
     kafka = settings.kafka
     proc = settings.processors
-    bootstrap = require_bootstrap(kafka)
     options: dict[str, Any] = {
-        "broker": ",".join(f"kafka://{b.strip()}" for b in bootstrap.split(",")),
+        **faust_broker_options(kafka),  # broker URLs and [kafka] TLS/SASL credentials
         # JSON by default (the counts topic and table); the pipeline's topics are raw bytes
         "value_serializer": "json",
         "key_serializer": "json",
@@ -95,9 +97,38 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         async for key, n in stream.items():
             counts[key] += n
 
+    def lag() -> dict[str, int]:
+        # records of the raw topic not yet committed, per assigned partition (what Prometheus
+        # alerts on when the processors fall behind); Faust keeps no public committed map
+        out = {}
+        try:
+            consumer = app.consumer
+            committed = getattr(consumer, "_committed_offset", {})
+            for tp in consumer.assignment():
+                if tp.topic == kafka.raw_topic:
+                    high = consumer.highwater(tp)
+                    if high is not None:
+                        out[f"{tp.topic}[{tp.partition}]"] = max(0, high - (committed.get(tp) or 0))
+        except Exception:  # not started, rebalancing: no figure this scrape
+            return {}
+        return out
+
+    registry, _ = make_registry(processor_stage(stats, lambda: dict(counts.items()), lag))
+
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
-        return web.text(render_metrics(stats, dict(counts.items())), content_type="text/plain")
+        body, ctype = exposition(registry)
+        # aiohttp takes the charset separately
+        return web.bytes(body, content_type=ctype.replace("; charset=utf-8", ""))
+
+    if settings.metrics.port is not None:
+        # [metrics] port: the same registry without Faust's web server (processors.web_port)
+        @app.task
+        async def serve_metrics() -> None:
+            m = settings.metrics
+            server = await serve_async(registry, m.host, m.port or 0)
+            host, port = server.sockets[0].getsockname()[:2]
+            log.info("serving /metrics on http://%s:%d/metrics", host, port)
 
     # declared so that Faust knows (and can create) them; records go out via app.producer
     for name in (kafka.events_topic, kafka.dlq_topic):
@@ -119,6 +150,8 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
                 o for o, r in zip(pending, results, strict=True) if isinstance(r, BaseException)
             ]
             if failed:
+                stats.retries += len(failed)
+                stats.errors["kafka_send"] += len(failed)
                 log.warning("%d record(s) not acknowledged by Kafka; retrying", len(failed))
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 5.0)
@@ -152,6 +185,7 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
             batch: list[Any],
             processing: asyncio.Future[list[Outcome]],
             previous: asyncio.Future[None] | None,
+            started: float,
         ) -> None:
             try:
                 outcomes = await processing
@@ -160,11 +194,13 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
             if previous is not None:
                 await previous
             await deliver_and_ack(stream, batch, outcomes)
+            stats.latency.observe(time.monotonic() - started)
 
         try:
             async for batch in stream.noack_take(  # type: ignore[attr-defined]
                 BATCH_MAX_EVENTS, within=BATCH_WITHIN_SECS
             ):
+                started = time.monotonic()
                 records = [
                     (m.key, m.value, m.topic, m.partition, m.offset)
                     for m in (e.message for e in batch)
@@ -175,7 +211,7 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
                     processing = asyncio.get_running_loop().create_future()
                     processing.set_result(process_batch(records, steps))
                 previous = inflight[-1] if inflight else None
-                task = asyncio.ensure_future(finish(batch, processing, previous))
+                task = asyncio.ensure_future(finish(batch, processing, previous, started))
                 task.add_done_callback(_exit_if_failed)  # also when no batch follows
                 inflight.append(task)
                 while len(inflight) > depth or (inflight and inflight[0].done()):
@@ -278,6 +314,9 @@ class WorkerStats:
 
     def __init__(self) -> None:
         self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.retries = 0
+        self.errors: Counter[str] = Counter()
+        self.latency = Latency()  # a batch: taken from the stream to acknowledged
 
     def observe(self, outcomes: list[Outcome]) -> None:
         for o in outcomes:
@@ -296,36 +335,49 @@ def batch_counts(outcomes: list[Outcome]) -> Counter[str]:
     return out
 
 
-def render_metrics(stats: WorkerStats, counts: dict[str, int]) -> str:
-    """Prometheus text exposition of the worker's counters and its share of the counts table."""
-    lines = [
-        "# HELP auditpipe_processor_records_total Records by outcome (this worker).",
-        "# TYPE auditpipe_processor_records_total counter",
-    ]
-    for (kind, reason), n in sorted(stats.outcomes.items()):
-        lines.append(
-            f'auditpipe_processor_records_total{{outcome="{kind}",reason="{_esc(reason)}"}} {n}'
-        )
-    lines += [
-        "# HELP auditpipe_events_total Forwarded events per model and per tenant (counts table;"
-        " each worker reports the keys of the partitions it owns).",
-        "# TYPE auditpipe_events_total counter",
-    ]
-    for key, n in sorted(counts.items()):
-        dim, _, value = key.partition(":")
-        lines.append(f'auditpipe_events_total{{dimension="{dim}",value="{_esc(value)}"}} {n}')
-    return "\n".join(lines) + "\n"
+def processor_stage(
+    stats: WorkerStats,
+    counts: Callable[[], dict[str, int]],
+    lag: Callable[[], dict[str, int]] = dict,
+) -> Source:
+    """The worker's counters, its share of the counts table and its consumer lag on the raw
+    topic as the stage ``processor``."""
+
+    def read() -> list[Stage]:
+        by_kind: dict[str, dict[str, int]] = {"forward": {}, "dead_letter": {}, "drop": {}}
+        for (kind, reason), n in stats.outcomes.items():
+            by_kind.setdefault(kind, {})[reason] = n
+        dims = {}
+        for key, n in counts().items():
+            dim, _, value = key.partition(":")
+            dims[(dim, value)] = n
+        return [
+            Stage(
+                "processor",
+                received=sum(stats.outcomes.values()),
+                sent=sum(by_kind["forward"].values()),
+                retries=stats.retries,
+                dropped=by_kind["drop"],
+                dead_lettered=by_kind["dead_letter"],
+                errors=dict(stats.errors),
+                by_dimension=dims,
+                lag=lag(),
+                latency={"process": stats.latency.snapshot()},
+            )
+        ]
+
+    return read
 
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def run_worker(settings: Settings) -> None:
+    """Run a processor worker in the foreground until SIGINT/SIGTERM.
 
-
-def run_worker(settings: Settings, loglevel: str = "warning") -> None:
-    """Run a processor worker in the foreground until SIGINT/SIGTERM."""
+    Logging is auditpipe's (``auditpipe.logs.setup``, done by the command): Faust's worker is
+    told not to install its own, so its records go through the same handler and format.
+    """
     from faust.worker import Worker
 
     app = create_app(settings)
-    worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = Worker(app, quiet=True, redirect_stdouts=False, override_logging=False)
     worker.spinner = None  # its terminal escapes would garble a non-terminal stderr
     worker.execute_from_commandline()

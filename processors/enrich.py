@@ -25,8 +25,7 @@ from pydantic import Field, field_validator
 
 from auditpipe.settings import StrictModel
 
-from .base import ProcessorStep
-from .steps import record_step
+from .steps import ProcessorStep, record_step
 
 
 class Price(StrictModel):
@@ -84,14 +83,13 @@ class EnrichConfig(StrictModel):
     _check_user = field_validator("user_from")(_check_sources)
 
 
-class EnrichStep(ProcessorStep):
+class EnrichStep(ProcessorStep[EnrichConfig]):
     name = "enrich"
     version = "1"
-    Config = EnrichConfig
 
-    def __init__(self, config: StrictModel | None = None) -> None:
+    def __init__(self, config: EnrichConfig | None = None) -> None:
         super().__init__(config)
-        cfg: EnrichConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         self.prices = {**(DEFAULT_PRICES if cfg.use_default_prices else {}), **cfg.prices}
         self._by_length = sorted(self.prices, key=len, reverse=True)
 
@@ -107,7 +105,7 @@ class EnrichStep(ProcessorStep):
         return None
 
     def __call__(self, event: Event) -> Event:
-        cfg: EnrichConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         out = dict(event)
         counts: dict[str, int] = {}
         usage = out.get("usage")
@@ -144,14 +142,14 @@ class EnrichStep(ProcessorStep):
         return record_step(out, self.name, self.version, "enriched", counts)
 
     def fingerprint(self, value: Any) -> str:
-        cfg: EnrichConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in cfg.fingerprint_exclude}
         canonical = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(canonical).hexdigest()
 
     def _estimate(self, event: Event) -> dict[str, int]:
-        cpt = self.config.chars_per_token  # type: ignore[attr-defined]
+        cpt = self.config.chars_per_token
         prompt = math.ceil(_text_chars(event.get("input")) / cpt)
         completion = math.ceil(_text_chars(_completion_part(event.get("output"))) / cpt)
         return {

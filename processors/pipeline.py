@@ -13,8 +13,7 @@ from typing import Literal
 from auditpipe.schemas import DecodeError, decode, encode
 
 from auditpipe.dlq import dead_letter_headers
-
-from .steps import DEFAULT_STEPS, Step
+from auditpipe.steps import Step, build_chain
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ def process_record(
     topic: str,
     partition: int,
     offset: int,
-    steps: Sequence[Step] = DEFAULT_STEPS,
+    steps: Sequence[Step],
 ) -> Outcome:
     """Decode, run ``steps`` in order, encode. Never raises: failures become dead letters."""
     try:
@@ -71,6 +70,4 @@ def chain_for(pipeline: dict[str, object] | None, origin: str = "settings") -> l
     No separate validation step: decoding with the writer's schema already proves the input
     fits, and encoding the result proves the output does (a failure there dead-letters).
     """
-    from .base import build_chain
-
     return list(build_chain(pipeline, origin))

@@ -18,8 +18,7 @@ from pydantic import Field, model_validator
 
 from auditpipe.settings import StrictModel
 
-from .base import ProcessorStep
-from .steps import record_step
+from .steps import ProcessorStep, record_step
 
 Condition = Literal["error", "store", "redacted"]
 _KEEP_WHEN_DEFAULT: tuple[Condition, ...] = ("error", "redacted")
@@ -65,20 +64,19 @@ class SampleConfig(StrictModel):
     keep_when: list[Condition] = Field(default_factory=lambda: list(_KEEP_WHEN_DEFAULT))
 
 
-class SampleStep(ProcessorStep):
+class SampleStep(ProcessorStep[SampleConfig]):
     name = "sample"
     version = "1"
-    Config = SampleConfig
 
     def rate_for(self, event: Event) -> float:
-        cfg: SampleConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         for rule in cfg.rules:
             if rule.matches(event):
                 return rule.rate
         return cfg.default_rate
 
     def keep_always(self, event: Event) -> bool:
-        for cond in self.config.keep_when:  # type: ignore[attr-defined]
+        for cond in self.config.keep_when:
             if cond == "error" and (event.get("error") or (event.get("status_code") or 0) >= 400):
                 return True
             if cond == "store" and event.get("store"):
@@ -92,7 +90,7 @@ class SampleStep(ProcessorStep):
 
     def position(self, event: Event) -> float:
         """Where the event's key falls in [0, 1): the deterministic coin."""
-        cfg: SampleConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         value = str(event.get(cfg.key) or event.get("event_id"))
         digest = hashlib.sha256(f"{cfg.seed}\x00{value}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64

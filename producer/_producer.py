@@ -55,7 +55,7 @@ from typing import IO, Any
 
 from auditpipe.schemas import Event, EventValidationError, encode, latest_schema_id, to_json
 
-from auditpipe.kafka import producer_kwargs, require_bootstrap
+from auditpipe.kafka import client_kwargs, connect_problem, producer_kwargs
 from auditpipe.settings import Settings, load_settings, settings_path_from_env
 
 from ._spool import Spool, SpoolError, WriteFn
@@ -128,7 +128,7 @@ class AuditProducer:
         cfg = self.settings.producer
         self.enabled = cfg.enabled
         if self.enabled and cfg.transport == "kafka":
-            require_bootstrap(self.settings.kafka)
+            client_kwargs(self.settings.kafka)  # bootstrap, certificates, secrets: fail here
         self._cfg = cfg
         self._stream = stream
         self._spool_write_fn = spool_write_fn
@@ -515,7 +515,8 @@ class AuditProducer:
                     self._kafka_up = True
                 except Exception as exc:
                     await _quiet_stop(candidate, 1.0)
-                    log.warning("Kafka not reachable (%s); retrying in %.1fs", exc, backoff)
+                    why = await connect_problem(self.settings.kafka) or exc
+                    log.warning("Kafka not reachable (%s); retrying in %.1fs", why, backoff)
                     next_attempt = time.monotonic() + backoff
                     backoff = min(backoff * 2, 5.0)
             if producer is None:

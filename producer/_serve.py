@@ -48,9 +48,12 @@ def run(
     banner: str,
     *,
     on_stop: Callable[[], str] | None = None,
+    registry: Any = None,
+    metrics: Any = None,
 ) -> int:
     """Serve ``app`` on ``sock`` until SIGINT/SIGTERM; ``banner`` (with ``{url}``) goes to
-    stderr once listening; ``on_stop()``'s summary after the producer stopped."""
+    stderr once listening; ``on_stop()``'s summary after the producer stopped. ``registry``
+    is served on ``metrics.port`` (``[metrics]``) when that is set."""
     import uvicorn
 
     host, port = sock.getsockname()[:2]
@@ -58,7 +61,7 @@ def run(
     config = uvicorn.Config(
         app,
         lifespan="on",
-        log_level="warning",
+        log_config=None,  # auditpipe.logs formats uvicorn's records like every other
         access_log=False,
         server_header=False,
         date_header=False,
@@ -66,6 +69,11 @@ def run(
         timeout_keep_alive=75,  # longer than common client pools keep idle connections
     )
     server = uvicorn.Server(config)
+    metrics_server = None
+    if registry is not None and metrics is not None:
+        from auditpipe.metrics import serve_thread
+
+        metrics_server = serve_thread(registry, metrics.host, metrics.port)
     producer.start()
     print(banner.format(url=url), file=sys.stderr, flush=True)
     # uvicorn re-raises the stop signal to the handler it found once it has shut down: that
@@ -77,6 +85,8 @@ def run(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         stats = producer.stop()
+        if metrics_server is not None:
+            metrics_server.close()
         summary = on_stop() if on_stop is not None else ""
         print(
             f"stopped; producer: emitted={stats['emitted']} sent={stats['sent']} "

@@ -43,7 +43,7 @@ from typing import Any
 
 from auditpipe.dlq import dead_letter_headers
 from auditpipe.errors import AuditpipeError, ConfigError
-from auditpipe.kafka import producer_kwargs, require_bootstrap
+from auditpipe.kafka import client_kwargs, producer_kwargs, start_client
 from auditpipe.settings import IngestSettings, Settings
 
 from ._producer import AuditProducer
@@ -451,7 +451,7 @@ class Ingest:
         self._dlq: Any = None
         self._dlq_pending: list[asyncio.Future[Any]] = []
         if "dlq" in (self.cfg.on_other, self.cfg.on_malformed):
-            require_bootstrap(settings.kafka)  # fails before anything is read
+            client_kwargs(settings.kafka)  # bootstrap, certificates: fail before reading
         if not producer.enabled:
             raise ConfigError("producer.enabled is false (AUDITPIPE_ENABLED=0): nothing would be "
                               "published; unset it to ingest")  # fmt: skip
@@ -468,7 +468,7 @@ class Ingest:
 
             self._dlq = AIOKafkaProducer(**producer_kwargs(self.settings.kafka,
                                                            self.settings.producer))  # fmt: skip
-            await self._dlq.start()
+            await start_client(self._dlq, self.settings.kafka)
         last_progress = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -619,10 +619,17 @@ def run_ingest(
             loop.add_signal_handler(sig, ingest.stop)
         return await ingest.run()
 
+    from auditpipe.metrics import ingest_stage, make_registry, producer_stage, serve_thread
+
+    m = settings.metrics
+    registry = make_registry(ingest_stage(ingest), producer_stage(producer))[0]
+    server = serve_thread(registry, m.host, m.port)  # [metrics] port; None: not served
     try:
         report = asyncio.run(main())
     finally:
         stats = producer.stop()
+        if server is not None:
+            server.close()
     progress(f"{report.summary()} producer: sent={stats['sent']} spooled={stats['spooled']} "
              f"dropped={stats['dropped']}")  # fmt: skip
     return 3 if report.malformed_skipped else 0

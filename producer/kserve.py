@@ -182,6 +182,7 @@ class KServeReceiver:
         self._done: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self._done_max = max(cfg.max_pending, 10_000)
         self.stats: collections.Counter[str] = collections.Counter()
+        self._registry: Any = None
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- ASGI ----------------------------------------------------------------------------------
@@ -342,33 +343,18 @@ class KServeReceiver:
     def snapshot(self) -> dict[str, int]:
         return {**self.stats, "pending": len(self._pending), "pending_bytes": self._pending_bytes}
 
+    def metrics_registry(self) -> Any:
+        """A registry with the receiver's and its producer's stages (auditpipe.metrics)."""
+        if self._registry is None:
+            from auditpipe.metrics import make_registry, producer_stage, receiver_stage
+
+            self._registry = make_registry(receiver_stage(self), producer_stage(self.producer))[0]
+        return self._registry
+
     def metrics_text(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from auditpipe.metrics import exposition
 
-        from ._metrics import ProducerCollector
-
-        receiver = self
-
-        class _Collector:
-            def describe(self) -> list[Any]:
-                return []
-
-            def collect(self) -> Any:
-                fam = CounterMetricFamily("auditpipe_receiver_events", "CloudEvents by outcome",
-                                          labels=["outcome"])  # fmt: skip
-                for name, count in sorted(receiver.stats.items()):
-                    fam.add_metric([name], count)
-                yield fam
-                yield GaugeMetricFamily("auditpipe_receiver_pending", "halves waiting",
-                                        value=len(receiver._pending))  # fmt: skip
-                yield GaugeMetricFamily("auditpipe_receiver_pending_bytes", "their payload bytes",
-                                        value=receiver._pending_bytes)  # fmt: skip
-
-        registry = CollectorRegistry()
-        registry.register(ProducerCollector(self.producer))
-        registry.register(_Collector())
-        return bytes(generate_latest(registry))
+        return exposition(self.metrics_registry())[0]
 
 
 def _kind(ce_type: str) -> str | None:

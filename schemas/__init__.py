@@ -1,21 +1,18 @@
-"""AuditEvent schemas (``*.avsc``), the file registry and the codec."""
+"""AuditEvent schemas (``*.avsc``), the manifest, the wire format and the codec."""
 
 from .codec import (
-    DecodeError,
-    Event,
     EventValidationError,
     decode,
     encode,
     from_json,
-    known_schema_ids,
-    latest_schema_id,
     new_event,
-    schema_by_id,
     to_json,
     to_json_line,
     validate,
 )
 from .ids import new_event_id, uuid7
+from .manifest import known_schema_ids, latest_schema_id, schema_by_id
+from .wire import DecodeError, Event, peek_event_id, schema_id_of
 
 __all__ = [
     "DecodeError",
@@ -28,7 +25,9 @@ __all__ = [
     "latest_schema_id",
     "new_event",
     "new_event_id",
+    "peek_event_id",
     "schema_by_id",
+    "schema_id_of",
     "to_json",
     "to_json_line",
     "uuid7",

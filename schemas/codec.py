@@ -4,11 +4,8 @@ In Python an event is a plain ``dict`` in the *JSON rendering*: the Avro record'
 ``input`` and ``output`` as JSON values (objects) rather than JSON text. Processor steps and
 sinks work on that dict; only the codec sees Avro.
 
-Wire format on Kafka (Confluent framing)::
-
-    byte 0      magic byte, always 0
-    bytes 1-4   schema id, big-endian unsigned (ids are fixed in registry.json)
-    bytes 5-    Avro binary body, written with that schema
+The wire format (the Confluent framing) is described and parsed in :mod:`.wire`; the schemas
+come from the manifest (:mod:`.manifest`); the generated fast paths from :mod:`.fastenc`.
 
 Every way bytes can fail to be an event raises :class:`DecodeError`, whose message says why.
 """
@@ -16,13 +13,10 @@ Every way bytes can fail to be an event raises :class:`DecodeError`, whose messa
 from __future__ import annotations
 
 import io
-import json
-import struct
 import time
 from collections.abc import Callable
 from functools import cache, lru_cache
-from importlib import resources
-from typing import Any, cast
+from typing import Any
 
 import fastavro
 import fastavro.validation
@@ -30,55 +24,14 @@ import orjson
 
 from auditpipe.errors import AuditpipeError
 
+from .fastenc import compile_decoder, compile_encoder
 from .ids import new_event_id
-
-MAGIC = 0
-_HEADER = struct.Struct(">bI")
-
-Event = dict[str, Any]
-
-
-class DecodeError(AuditpipeError):
-    """Bytes that are not a decodable AuditEvent. ``reason`` is a short machine-readable tag."""
-
-    def __init__(self, message: str, reason: str = "malformed") -> None:
-        super().__init__(message)
-        self.reason = reason
+from .manifest import known_schema_ids, latest_schema_id, schema_by_id
+from .wire import HEADER, DecodeError, Event, frame_header, schema_id_of
 
 
 class EventValidationError(AuditpipeError):
     """An event dict that does not match the AuditEvent schema (the message names the field)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry (file based; ids fixed in registry.json)
-
-
-@lru_cache(maxsize=1)
-def _manifest() -> dict[str, Any]:
-    text = resources.files(__package__).joinpath("registry.json").read_text("utf-8")
-    manifest: dict[str, Any] = json.loads(text)
-    return manifest
-
-
-@cache
-def schema_by_id(schema_id: int) -> dict[str, Any]:
-    """The parsed schema registered under ``schema_id`` (parsed once, then cached)."""
-    for entry in _manifest()["versions"]:
-        if entry["id"] == schema_id:
-            text = resources.files(__package__).joinpath(entry["file"]).read_text("utf-8")
-            parsed = fastavro.parse_schema(json.loads(text))
-            return cast(dict[str, Any], parsed)
-    raise KeyError(schema_id)
-
-
-@cache
-def latest_schema_id() -> int:
-    return int(max(_manifest()["versions"], key=lambda e: e["version"])["id"])
-
-
-def known_schema_ids() -> list[int]:
-    return [int(e["id"]) for e in _manifest()["versions"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +173,7 @@ def encode_with_fastavro(event: Event, sid: int) -> bytes:
     """The reference encoder (fastavro); :func:`encode` uses it when the fast path refuses."""
     schema = schema_by_id(sid)
     buf = io.BytesIO()
-    buf.write(_HEADER.pack(MAGIC, sid))
+    buf.write(frame_header(sid))
     try:
         fastavro.schemaless_writer(buf, schema, _to_wire_record(event, sid))
     except EventValidationError:
@@ -233,16 +186,12 @@ def encode_with_fastavro(event: Event, sid: int) -> bytes:
 
 @cache
 def _fast_decoder(schema_id: int) -> Callable[[bytes], Event] | None:
-    from .fastenc import compile_decoder  # generated from the schema; same values as fastavro
-
-    return compile_decoder(schema_id)
+    return compile_decoder(schema_id)  # generated from the schema; same values as fastavro
 
 
 @cache
 def _fast_encoder(schema_id: int) -> Callable[[Event], bytes] | None:
-    from .fastenc import compile_encoder  # generated from the schema; same bytes as fastavro
-
-    return compile_encoder(schema_id)
+    return compile_encoder(schema_id)  # generated from the schema; same bytes as fastavro
 
 
 def decode(
@@ -252,17 +201,7 @@ def decode(
     if data is None:
         raise DecodeError("no value: the record is a tombstone (null value)", "empty")
     data = bytes(data)
-    if len(data) < _HEADER.size:
-        raise DecodeError(
-            f"{len(data)} byte(s) is shorter than the 5-byte Confluent header", "truncated"
-        )
-    magic, schema_id = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        hint = " (it looks like JSON text)" if data[:1] in (b"{", b"[") else ""
-        raise DecodeError(
-            f"magic byte is {data[0]:#04x}, expected 0x00: not Confluent-framed Avro{hint}",
-            "bad_magic",
-        )
+    schema_id = schema_id_of(data)
     try:
         writer = schema_by_id(schema_id)
     except KeyError:
@@ -285,7 +224,7 @@ def decode_with_fastavro(data: bytes, schema_id: int, writer: Any, reader_id: in
     :func:`decode` uses it for other schemas and when the fast path refuses."""
     reader = schema_by_id(reader_id)
     body = io.BytesIO(data)
-    body.seek(_HEADER.size)
+    body.seek(HEADER.size)
     try:
         record = fastavro.schemaless_reader(body, writer, reader if reader is not writer else None)
     except Exception as exc:

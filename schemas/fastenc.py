@@ -23,7 +23,8 @@ from typing import Any
 
 import orjson
 
-from .codec import Event, schema_by_id
+from .manifest import schema_by_id
+from .wire import Event, frame_header, read_long, write_long, write_string
 
 _PACK_DOUBLE = struct.Struct("<d").pack
 _PACK_FLOAT = struct.Struct("<f").pack
@@ -32,20 +33,6 @@ _JSON_FIELDS = ("input", "output")  # JSON values in the event, JSON text in Avr
 
 class _Unsupported(Exception):
     pass
-
-
-def _long(out: bytearray, n: int) -> None:
-    n = (n << 1) ^ (n >> 63)
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-
-
-def _string(out: bytearray, s: str) -> None:
-    b = s.encode()
-    _long(out, len(b))
-    out += b
 
 
 class _Gen:
@@ -154,12 +141,12 @@ def compile_encoder(schema_id: int) -> Callable[[Event], bytes] | None:
             gen.field(field, "event", 1)
     except _Unsupported:
         return None
-    header = bytes([0]) + schema_id.to_bytes(4, "big")
+    header = frame_header(schema_id)
     body = "\n".join(gen.lines)
     source = f"def encode(event):\n    out = bytearray({header!r})\n{body}\n    return bytes(out)\n"
     namespace: dict[str, Any] = {
-        "long": _long,
-        "string": _string,
+        "long": write_long,
+        "string": write_string,
         "dumps": orjson.dumps,
         "pack_double": _PACK_DOUBLE,
         "pack_float": _PACK_FLOAT,
@@ -172,20 +159,6 @@ def compile_encoder(schema_id: int) -> Callable[[Event], bytes] | None:
 
 # ---------------------------------------------------------------------------------------------
 # The decoder: the same idea the other way round
-
-
-def _read_long(data: bytes, pos: int) -> tuple[int, int]:
-    """A zigzag varint at ``pos``: (value, position after it)."""
-    shift = n = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        if b < 0x80:
-            return (n >> 1) ^ -(n & 1), pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 10 bytes")
 
 
 class _DecGen(_Gen):
@@ -306,7 +279,7 @@ def compile_decoder(schema_id: int) -> Callable[[bytes], Event] | None:
         "    return event\n"
     )
     namespace: dict[str, Any] = {
-        "read_long": _read_long,
+        "read_long": read_long,
         "loads": orjson.loads,
         "unpack_double": struct.Struct("<d").unpack_from,
         "unpack_float": struct.Struct("<f").unpack_from,

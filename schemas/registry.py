@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,7 @@ from auditpipe.errors import AuditpipeError
 
 from . import compat
 from .compat import Incompatibility, Mode, SchemaError
-
-MANIFEST = "registry.json"
+from .manifest import package_dir, read_manifest
 
 
 class RegistryError(AuditpipeError):
@@ -54,10 +52,6 @@ class Version:
     schema: compat.Schema
 
 
-def package_dir() -> Path:
-    return Path(str(resources.files(__package__)))
-
-
 class FileRegistry:
     """``registry.json`` and its ``.avsc`` files in ``directory`` (default: this package).
 
@@ -66,39 +60,16 @@ class FileRegistry:
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else package_dir()
-        manifest_path = self.directory / MANIFEST
-        try:
-            manifest = json.loads(manifest_path.read_text("utf-8"))
-        except OSError as exc:
-            raise SchemaError(f"{manifest_path}: cannot read: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise SchemaError(f"{manifest_path}: not JSON: {exc}") from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("versions"), list):
-            raise SchemaError(f'{manifest_path}: needs a "versions" list')
-        self.subject = str(manifest.get("subject", "auditpipe.AuditEvent"))
+        manifest = read_manifest(self.directory)
+        self.subject = manifest.subject
         versions: list[Version] = []
-        for i, entry in enumerate(manifest["versions"]):
-            where = f"{manifest_path}: versions[{i}]"
-            if not isinstance(entry, dict):
-                raise SchemaError(f"{where}: must be an object")
-            for key in ("version", "id", "file"):
-                if key not in entry:
-                    raise SchemaError(f"{where}: missing {key!r}")
-            number, sid, file = entry["version"], entry["id"], entry["file"]
-            if not isinstance(number, int) or not isinstance(sid, int) or sid < 1:
-                raise SchemaError(f"{where}: version and id must be positive integers")
-            if any(v.id == sid for v in versions):
-                raise SchemaError(f"{where}: id {sid} is used twice")
-            if any(v.version == number for v in versions):
-                raise SchemaError(f"{where}: version {number} is listed twice")
-            schema = compat.load(self.directory / str(file))
+        for entry in manifest.entries:
+            schema = compat.load(manifest.path_of(entry))
             try:  # the codec reads with fastavro: a schema it refuses cannot be published
                 fastavro.parse_schema(schema.json, _write_hint=False)
             except Exception as exc:
                 raise SchemaError(f"{schema.source}: {type(exc).__name__}: {exc}") from None
-            versions.append(Version(number, sid, str(file), schema))
-        if not versions:
-            raise SchemaError(f"{manifest_path}: no versions")
+            versions.append(Version(entry.version, entry.id, entry.file, schema))
         self.versions = sorted(versions, key=lambda v: v.version)
 
     def by_id(self, schema_id: int) -> Version:

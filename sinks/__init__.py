@@ -3,6 +3,7 @@
 from .base import (
     ENTRY_POINT_GROUP,
     Batch,
+    Migratable,
     PermanentSinkError,
     RetriableSinkError,
     Sink,
@@ -15,6 +16,7 @@ from .base import (
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Batch",
+    "Migratable",
     "PermanentSinkError",
     "RetriableSinkError",
     "Sink",

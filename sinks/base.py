@@ -15,7 +15,12 @@ commits, dead letters and shutdown.
 The runner hands ``write`` a :class:`Batch`: a list of events from one partition, in offset
 order, that also says where they came from (``topic``, ``partition``, ``offsets``), so a sink
 can name what it writes after the records (the s3 sink names objects by first offset, so a
-redelivered batch overwrites the same object). Sinks must also accept a plain sequence.
+redelivered batch overwrites the same object). ``Batch(events)`` alone is a valid batch
+(topic ``""``, partition 0, offsets 0..n-1) for tests and tools.
+
+Typing: ``class MySink(Sink[MyConfig])`` names the config model once; ``Config`` follows from
+it and ``self.config`` is a ``MyConfig``. A sink that owns a schema (tables, indexes) also
+implements :class:`Migratable`; ``auditpipe sink NAME --migrate`` and ``auditpipe dev`` call it.
 
 Sinks are found through the ``auditpipe.sinks`` entry point group, so a third-party package
 adds one by declaring ``[project.entry-points."auditpipe.sinks"] NAME = "pkg.mod:Class"``.
@@ -33,14 +38,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Protocol, cast, runtime_checkable
 
 from auditpipe.schemas import Event
 
 from auditpipe.errors import AuditpipeError, ConfigError
-from auditpipe.plugins import available, load_entry_point
-from auditpipe.settings import StrictModel, validate_model
-from auditpipe.steps import Step, available_steps, build_chain, load_step_class
+from auditpipe.models import StrictModel, validate_model
+from auditpipe.plugins import available, bind_config_model, load_entry_point
+from auditpipe.steps import ConfigT, Step, available_steps, build_chain, load_step_class
 
 ENTRY_POINT_GROUP = "auditpipe.sinks"
 
@@ -87,14 +92,22 @@ def batch_source(batch: Sequence[Event]) -> tuple[str, int, int]:
     return "events", 0, 0
 
 
-class Sink(ABC):
-    """Base class of every sink. Subclasses set ``name`` and ``Config``."""
+class Sink(ABC, Generic[ConfigT]):
+    """Base class of every sink, generic over its config model: ``Sink[MyConfig]``.
+
+    Subclasses set ``name``; ``Config`` follows from the generic argument (see the module
+    docstring for the lifecycle).
+    """
 
     name: ClassVar[str]
-    Config: ClassVar[type[StrictModel]] = StrictModel
+    Config: ClassVar[type[Any]] = StrictModel  # a StrictModel subclass: ConfigT at runtime
 
-    def __init__(self, config: StrictModel | None = None) -> None:
-        self.config = config if config is not None else self.Config()
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bind_config_model(cls, Sink)
+
+    def __init__(self, config: ConfigT | None = None) -> None:
+        self.config: ConfigT = config if config is not None else cast(ConfigT, self.Config())
         #: Steps run on every event before it is written (``[sinks.NAME] steps``; the runner
         #: applies them).
         self.steps: tuple[Step, ...] = ()
@@ -103,6 +116,18 @@ class Sink(ABC):
     def from_mapping(cls, data: Mapping[str, Any] | None, origin: str = "settings") -> Sink:
         """The sink configured by its ``[sinks.NAME]`` table, ``steps`` and their tables
         included (see the module docstring)."""
+        return cls._configure(data, origin, instantiate=True)  # type: ignore[return-value]
+
+    @classmethod
+    def check_mapping(cls, data: Mapping[str, Any] | None, origin: str = "settings") -> None:
+        """Validate a ``[sinks.NAME]`` table like :meth:`from_mapping`, building nothing (what
+        ``load_settings`` does for every sink table, run or not)."""
+        cls._configure(data, origin, instantiate=False)
+
+    @classmethod
+    def _configure(
+        cls, data: Mapping[str, Any] | None, origin: str, instantiate: bool
+    ) -> Sink | None:
         data = dict(data or {})
         prefix = f"sinks.{cls.name}"
         chain = None
@@ -116,7 +141,7 @@ class Sink(ABC):
                 for key in keys:
                     if isinstance(data.get(key), Mapping) and key not in cls.Config.model_fields:
                         table[key] = data.pop(key)
-            chain = build_chain(table, origin, prefix=prefix, default=())
+            chain = build_chain(table, origin, prefix=prefix, default=(), instantiate=instantiate)
         for key, value in data.items():
             if (
                 isinstance(value, Mapping)
@@ -128,20 +153,33 @@ class Sink(ABC):
                     f"list it; add it to steps = [...] in [{prefix}] or remove the table"
                 )
         config = validate_model(cls.Config, data, origin, prefix=prefix)
+        if not instantiate:
+            return None
         sink = cls(config)
         if chain:
             sink.steps = tuple(chain)
         return sink
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
+    async def start(self) -> None:
         """Open connections. Default: nothing to do."""
 
     @abstractmethod
-    async def write(self, batch: Sequence[Event]) -> None:
+    async def write(self, batch: Batch) -> None:
         """Store ``batch`` durably, or raise RetriableSinkError / PermanentSinkError."""
 
-    async def stop(self) -> None:  # noqa: B027 - optional hook
+    async def stop(self) -> None:
         """Flush and close. Default: nothing to do."""
+
+
+@runtime_checkable
+class Migratable(Protocol):
+    """A sink that owns a schema in its store (tables, indexes) and can create or upgrade it.
+
+    ``migrate()`` is idempotent: run on an up-to-date store it changes nothing. It may need
+    more privileges than ``write`` (``auditpipe sink NAME --migrate`` runs it on its own).
+    """
+
+    async def migrate(self) -> None: ...
 
 
 def available_sinks() -> dict[str, str]:

@@ -48,7 +48,7 @@ from pydantic import Field
 
 from auditpipe.settings import StrictModel
 
-from .base import RetriableSinkError, Sink
+from .base import Batch, RetriableSinkError, Sink
 
 if TYPE_CHECKING:
     from auditpipe.privacy.erasure import EraseResult
@@ -80,14 +80,12 @@ class FileConfig(StrictModel):
     )
 
 
-class FileSink(Sink):
+class FileSink(Sink[FileConfig]):
     """Appends each batch as JSON lines to ``path`` with one ``write`` and (by default) fsync."""
 
     name = "file"
-    Config = FileConfig
-    config: FileConfig
 
-    def __init__(self, config: StrictModel | None = None) -> None:
+    def __init__(self, config: FileConfig | None = None) -> None:
         super().__init__(config)
         self.path = Path(self.config.path)
         self._fd: int | None = None
@@ -110,8 +108,9 @@ class FileSink(Sink):
         if self.config.dedupe_window_events and not self._recent:
             await asyncio.to_thread(self._load_recent)
 
-    async def write(self, batch: Sequence[Event]) -> None:
+    async def write(self, batch: Batch) -> None:
         window = self.config.dedupe_window_events
+        events: Sequence[Event] = batch
         if window:
             fresh, seen = [], set()
             for event in batch:
@@ -119,13 +118,13 @@ class FileSink(Sink):
                 if eid not in self._recent and eid not in seen:
                     fresh.append(event)
                     seen.add(eid)
-            batch = fresh
-        if not batch:
+            events = fresh
+        if not events:
             return
-        data = b"".join(map(to_json_line, batch))
+        data = b"".join(map(to_json_line, events))
         await asyncio.to_thread(self._write_sync, data)
         if window:
-            for event in batch:
+            for event in events:
                 self._recent[event["event_id"]] = None
             while len(self._recent) > window:
                 self._recent.popitem(last=False)

@@ -16,7 +16,6 @@ documents after ``retention_days`` when set), ``model``, ``request_id`` and
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from auditpipe.schemas import Event
@@ -24,7 +23,7 @@ from pydantic import Field
 
 from auditpipe.settings import StrictModel
 
-from .base import PermanentSinkError, RetriableSinkError, Sink
+from .base import Batch, PermanentSinkError, RetriableSinkError, Sink
 
 if TYPE_CHECKING:
     from auditpipe.privacy.erasure import EraseResult
@@ -59,14 +58,12 @@ def to_document(event: Event) -> dict[str, Any]:
     return doc
 
 
-class MongoSink(Sink):
+class MongoSink(Sink[MongoConfig]):
     """Unordered bulk inserts keyed by event_id into ``database.collection``."""
 
     name = "mongodb"
-    Config = MongoConfig
-    config: MongoConfig
 
-    def __init__(self, config: StrictModel | None = None) -> None:
+    def __init__(self, config: MongoConfig | None = None) -> None:
         super().__init__(config)
         self._client: Any = None
         self._collection: Any = None
@@ -136,7 +133,7 @@ class MongoSink(Sink):
         if client is not None:
             await client.close()
 
-    async def write(self, batch: Sequence[Event]) -> None:
+    async def write(self, batch: Batch) -> None:
         from pymongo.errors import BulkWriteError, DocumentTooLarge, PyMongoError
 
         if self._collection is None:

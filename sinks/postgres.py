@@ -60,7 +60,7 @@ from auditpipe.embedded_pg import DEFAULT_DATA_DIR
 from auditpipe.errors import ConfigError
 from auditpipe.settings import StrictModel
 
-from .base import PermanentSinkError, RetriableSinkError, Sink
+from .base import Batch, PermanentSinkError, RetriableSinkError, Sink
 
 if TYPE_CHECKING:
     from auditpipe.privacy.erasure import EraseResult
@@ -511,14 +511,12 @@ def _copy_text(value: bytes) -> bytes:
     )
 
 
-class PostgresSink(Sink):
+class PostgresSink(Sink[PostgresConfig]):
     """COPY into a staging table, then insert-on-conflict-do-nothing into the four tables."""
 
     name = "postgres"
-    Config = PostgresConfig
-    config: PostgresConfig
 
-    def __init__(self, config: StrictModel | None = None) -> None:
+    def __init__(self, config: PostgresConfig | None = None) -> None:
         super().__init__(config)
         self._pool: Any = None
         self._retention: asyncio.Task[None] | None = None
@@ -606,7 +604,7 @@ class PostgresSink(Sink):
             await pool.close()
         await asyncio.to_thread(self._release_dsn)
 
-    async def write(self, batch: Sequence[Event]) -> None:
+    async def write(self, batch: Batch) -> None:
 
         if self._pool is None:
             raise RetriableSinkError("postgres sink: not started")

@@ -58,7 +58,8 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from auditpipe.schemas import DecodeError, Event, decode
 
 from auditpipe.dlq import dead_letter_headers
-from auditpipe.kafka import producer_kwargs, require_bootstrap
+from auditpipe.kafka import client_kwargs, producer_kwargs, start_client
+from auditpipe.metrics import Latency
 from auditpipe.settings import Settings
 
 from .base import Batch, PermanentSinkError, Sink
@@ -98,6 +99,8 @@ class RunnerStats:
     commits: int = 0
     batches: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    dead_reasons: dict[str, int] = field(default_factory=dict)  # dead_lettered by reason
+    write_latency: Latency = field(default_factory=Latency)  # one sink write of one batch
 
 
 @dataclass
@@ -187,7 +190,7 @@ class SinkRunner:
             else max(100, min(1000, session_ms // 3))
         )
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=require_bootstrap(kafka),
+            **client_kwargs(kafka),
             client_id=f"{kafka.client_id}-sink-{self.sink.name}",
             group_id=self.group_id,
             enable_auto_commit=False,
@@ -205,14 +208,21 @@ class SinkRunner:
         health = None
         await self.sink.start()
         try:
-            if runner.health_port is not None:
+            # runner.health_port (older key) or [metrics] port: /healthz and /metrics
+            metrics = self.settings.metrics
+            host, port = runner.health_host, runner.health_port
+            if port is None and metrics.port is not None:
+                host, port = metrics.host, metrics.port
+            if port is not None:
                 from .health import serve_health
 
-                health = await serve_health(self, runner.health_host, runner.health_port)
+                health = await serve_health(self, host, port)
                 sock = health.sockets[0].getsockname()
                 self.health_address = (sock[0], sock[1])
-            await self._dlq.start()
-            await consumer.start()
+                log.info("sink %s: /healthz and /metrics on http://%s:%d", self.sink.name,
+                         sock[0], sock[1])  # fmt: skip
+            await start_client(self._dlq, kafka)
+            await start_client(consumer, kafka)
             self._running = True
             await self._loop(consumer)
         finally:
@@ -429,7 +439,10 @@ class SinkRunner:
                 offsets.append(msg.offset)
         batch = Batch(events, tp.topic, tp.partition, offsets)
         try:
+            started = time.monotonic()
             rejected = await self._write_isolating(batch) if batch else []
+            if batch:
+                self.stats.write_latency.observe(time.monotonic() - started)
             if rejected:
                 sources = {m.offset: m for m in chunk}
                 dead.extend(
@@ -456,6 +469,8 @@ class SinkRunner:
         self._set_paused(consumer, tp, part)
         self.stats.batches += 1
         self.stats.dead_lettered += len(dead)
+        for _, _, reason, _ in dead:
+            self.stats.dead_reasons[reason] = self.stats.dead_reasons.get(reason, 0) + 1
         self.stats.dropped += dropped
         written = len(batch) - len(rejected)
         self.stats.written += written

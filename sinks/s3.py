@@ -115,14 +115,12 @@ def _avro_record(event: Event) -> dict[str, Any]:
     return record
 
 
-class S3Sink(Sink):
+class S3Sink(Sink[S3Config]):
     """Uploads each batch as one object per event-time hour (or one object per event)."""
 
     name = "s3"
-    Config = S3Config
-    config: S3Config
 
-    def __init__(self, config: StrictModel | None = None) -> None:
+    def __init__(self, config: S3Config | None = None) -> None:
         super().__init__(config)
         self._client: Any = None
         self._sem: asyncio.Semaphore | None = None
@@ -222,7 +220,7 @@ class S3Sink(Sink):
             raise PermanentSinkError(f"s3 sink: event does not fit the Avro schema: {exc}") from exc
         return buf.getvalue()
 
-    async def write(self, batch: Sequence[Event]) -> None:
+    async def write(self, batch: Batch) -> None:
         if self._client is None or self._sem is None:
             raise RetriableSinkError("s3 sink: not started")
         objects = await asyncio.to_thread(self.objects, batch)

@@ -3,31 +3,29 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from typing import BinaryIO
 
-from auditpipe.schemas import Event, to_json_line
+from auditpipe.schemas import to_json_line
 
 from auditpipe.settings import StrictModel
 
-from .base import RetriableSinkError, Sink
+from .base import Batch, RetriableSinkError, Sink
 
 
 class StdoutConfig(StrictModel):
     pass
 
 
-class StdoutSink(Sink):
+class StdoutSink(Sink[StdoutConfig]):
     """Writes each batch to standard output and flushes before ``write`` returns."""
 
     name = "stdout"
-    Config = StdoutConfig
 
-    def __init__(self, config: StrictModel | None = None, stream: BinaryIO | None = None) -> None:
+    def __init__(self, config: StdoutConfig | None = None, stream: BinaryIO | None = None) -> None:
         super().__init__(config)
         self._stream = stream
 
-    async def write(self, batch: Sequence[Event]) -> None:
+    async def write(self, batch: Batch) -> None:
         stream = self._stream or sys.stdout.buffer
         data = b"".join(map(to_json_line, batch))
         try:

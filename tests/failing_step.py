@@ -13,11 +13,10 @@ class FailOnConfig(StrictModel):
     request_id: str = Field(description="events with this request_id make the step raise")
 
 
-class FailOn(ProcessorStep):
+class FailOn(ProcessorStep[FailOnConfig]):
     name = "fail_on"
-    Config = FailOnConfig
 
     def __call__(self, event: Event) -> Event:
-        if event.get("request_id") == self.config.request_id:  # type: ignore[attr-defined]
+        if event.get("request_id") == self.config.request_id:
             raise ValueError("this step cannot handle the event")
         return event

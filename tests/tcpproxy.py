@@ -8,6 +8,7 @@ as soon as they are accepted.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from typing import Any
 
@@ -15,8 +16,12 @@ from auditpipe.broker import free_port
 
 
 class TcpProxy:
-    def __init__(self, upstream_port: int, port: int | None = None) -> None:
+    def __init__(
+        self, upstream_port: int, port: int | None = None, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        """``ssl_context``: terminate TLS with it (a TLS listener in front of a plain broker)."""
         self.upstream_port = upstream_port
+        self.ssl_context = ssl_context
         self.port = port or free_port()
         self.cut_active = False
         self.connections = 0
@@ -32,7 +37,9 @@ class TcpProxy:
         return self
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, ssl=self.ssl_context
+        )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut_active:

@@ -411,10 +411,14 @@ def serve_cmd(
 
 def url_of(proc: subprocess.Popen[str]) -> str:
     assert proc.stderr is not None
-    line = proc.stderr.readline()
-    match = re.search(r"http://127\.0\.0\.1:\d+", line)
-    assert match, line + (proc.stderr.read() if proc.poll() is not None else "")
-    return match.group(0)
+    seen = []
+    for line in proc.stderr:  # log lines (INFO) may come before the banner
+        seen.append(line)
+        if line.startswith("auditpipe serve:"):
+            match = re.search(r"http://127\.0\.0\.1:\d+", line)
+            assert match, line
+            return match.group(0)
+    raise AssertionError("no banner: " + "".join(seen))
 
 
 class TestServeCommand:

@@ -113,3 +113,40 @@ class TestApiBench:
         assert all(v["p50_ms"] > 0 for v in out["latency"].values())
         assert out["export"]["all"]["rows"] == 3000 and out["export"]["small"]["rows"] == 3000
         assert out["export"]["all"]["peak_rss_mib"] > 0
+
+
+class TestSettingsBench:
+    def test_prints_load_costs_and_ratios_as_json(self) -> None:
+        """Baseline, every sink table validated, ten env overrides: medians and ratios."""
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "settings_bench.py"), "--rounds", "3"],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        assert out["baseline_us"] > 0 and out["all_sink_tables_and_pipeline_us"] > 0
+        assert set(out["ratios"]) == {"sink_tables_over_baseline", "env_overrides_over_baseline"}
+
+
+class TestMetricsBench:
+    def test_prints_request_overhead_and_scrape_cost_as_json(self) -> None:
+        """Bare vs wrapped request cost and one scrape's cost, with the ratio."""
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "metrics_bench.py"),
+                "--requests",
+                "200",
+                "--rounds",
+                "1",
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        assert set(out["request_ns"]) == {"bare_app", "with_request_metrics"}
+        assert out["scrape_us"] > 0 and "wrapped_over_bare" in out["ratios"]

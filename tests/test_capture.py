@@ -223,8 +223,8 @@ class TestMetrics:
         app = Starlette(routes=[Mount("/metrics", app=metrics_app(producer))])
         with serve(app) as url:
             text = httpx.get(f"{url}/metrics/").text
-        assert "auditpipe_producer_emitted_total 1.0" in text
-        assert "auditpipe_producer_sent_total 1.0" in text
-        assert 'auditpipe_producer_dropped_total{reason="spool_full"} 2.0' in text
-        assert "auditpipe_producer_queue_depth 0.0" in text
-        assert "auditpipe_producer_send_latency_seconds_bucket" in text
+        assert 'auditpipe_events_received_total{stage="producer"} 1.0' in text
+        assert 'auditpipe_events_sent_total{stage="producer"} 1.0' in text
+        assert 'auditpipe_events_dropped_total{reason="spool_full",stage="producer"} 2.0' in text
+        assert 'auditpipe_queue_depth{stage="producer"} 0.0' in text
+        assert 'auditpipe_latency_seconds_bucket{le="0.001",op="send",stage="producer"}' in text

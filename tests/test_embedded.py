@@ -102,7 +102,10 @@ class TestDevThenServe:
         )
         try:
             assert serve.stderr is not None
-            line = serve.stderr.readline()
+            line = ""
+            for line in serve.stderr:  # log lines (INFO) may come before the banner
+                if line.startswith("auditpipe serve:"):
+                    break
             match = re.search(r"http://127\.0\.0\.1:\d+", line)
             assert match, line
             client = openai.OpenAI(base_url=match.group(0) + "/v1", api_key="-", max_retries=0)

@@ -248,9 +248,12 @@ class TestPairing:
             assert httpx.get(f"{url}/healthz").status_code == 200
             post(url, kserve_event("request", "m1", IRIS_IN))
             metrics = httpx.get(f"{url}/metrics").text
-        assert 'auditpipe_receiver_events_total{outcome="requests"} 1.0' in metrics
-        assert "auditpipe_receiver_pending 1.0" in metrics
-        assert "auditpipe_producer_emitted_total" in metrics
+        assert 'auditpipe_stage_events_total{kind="requests",stage="receiver"} 1.0' in metrics
+        assert 'auditpipe_events_received_total{stage="receiver"} 1.0' in metrics
+        assert 'auditpipe_events_dropped_total{reason="too_large",stage="receiver"} 1.0' in metrics
+        assert 'auditpipe_events_dropped_total{reason="rejected",stage="receiver"} 1.0' in metrics
+        assert 'auditpipe_pending{stage="receiver"} 1.0' in metrics
+        assert 'auditpipe_events_received_total{stage="producer"}' in metrics
 
 
 def test_receive_cli_to_kafka(settings: Settings) -> None:

@@ -10,13 +10,12 @@ Each sink must get every event with the fields its version knows.
 from __future__ import annotations
 
 import asyncio
-import struct
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from auditpipe.schemas import Event, encode, latest_schema_id, new_event
+from auditpipe.schemas import Event, encode, latest_schema_id, new_event, schema_id_of
 from auditpipe.schemas.registry import FileRegistry
 from auditpipe.sinks import Sink
 from auditpipe.sinks.runner import SinkRunner
@@ -103,7 +102,7 @@ class TestMixedVersions:
         sent_v1 = [v1_event(i) for i in range(N)]
         sent_v2 = [v2_event(i) for i in range(N)]
         raw = [encode(e, schema_id=1) for e in sent_v1] + [encode(e, schema_id=2) for e in sent_v2]
-        assert {struct.unpack(">I", v[1:5])[0] for v in raw} == {1, 2}
+        assert {schema_id_of(v) for v in raw} == {1, 2}
 
         latest_runner_settings = settings.runner.model_copy(update={"session_timeout_secs": 2})
         pinned_runner_settings = latest_runner_settings.model_copy(update={"reader_schema_id": 1})
@@ -147,4 +146,4 @@ class TestMixedVersions:
 
         # the processors re-encode everything with the latest version (v3 and later)
         forwarded = asyncio.run(consume(bootstrap, settings.kafka.events_topic, 2 * N))
-        assert {struct.unpack(">I", r.value[1:5])[0] for r in forwarded} == {latest_schema_id()}
+        assert {schema_id_of(r.value) for r in forwarded} == {latest_schema_id()}

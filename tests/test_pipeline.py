@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from auditpipe.processors import process_record, record_step, validate_step
+from collections.abc import Sequence
+
+from auditpipe.processors import Outcome, Step, process_record, record_step, validate_step
 from auditpipe.schemas import decode, encode, new_event
 
 from auditpipe.dlq import H_OFFSET, H_REASON, H_STAGE, H_TOPIC, headers_dict
 
 
-def run(value: bytes | None, steps=None):  # type: ignore[no-untyped-def]
-    kwargs = {"topic": "raw", "partition": 1, "offset": 42}
-    if steps is not None:
-        kwargs["steps"] = steps
-    return process_record(b"k", value, **kwargs)  # type: ignore[arg-type]
+def run(value: bytes | None, steps: Sequence[Step] = (validate_step,)) -> Outcome:
+    return process_record(b"k", value, topic="raw", partition=1, offset=42, steps=steps)
 
 
 class TestProcessRecord:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import time
@@ -193,16 +194,22 @@ class TestWorkerMetrics:
     def test_counts_per_model_and_tenant_are_served_as_prometheus_metrics(
         self, settings: Settings, tmp_path: Path
     ) -> None:
-        """The counts table and the outcome counters appear on the worker's /metrics page."""
+        """The counts table and the outcome counters appear on the worker's /metrics pages
+        (Faust's web server on processors.web_port and [metrics] port), in auditpipe's
+        vocabulary; its log (Faust's lines included) is JSON lines with [logging] format."""
         import urllib.request
 
         from auditpipe.broker import free_port
 
         from .conftest import wait_until
 
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
         settings = settings.model_copy(
-            update={"processors": settings.processors.model_copy(update={"web_port": port})}
+            update={
+                "processors": settings.processors.model_copy(update={"web_port": port}),
+                "metrics": settings.metrics.model_copy(update={"port": metrics_port}),
+                "logging": settings.logging.model_copy(update={"format": "json", "level": "info"}),
+            }
         )
         values = [encode(new_event(model="m-a", metadata={"tenant": "acme"})) for _ in range(7)]
         values += [encode(new_event(model="m-b")) for _ in range(5)] + [b"garbage"]
@@ -210,28 +217,48 @@ class TestWorkerMetrics:
         proc = spawn_worker(settings, tmp_path)
         try:
 
-            def page() -> str:
+            def page(port: int) -> str:
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
                         return str(r.read().decode())
                 except OSError:
                     return ""
 
+            s = 'stage="processor"'
             expected = [
-                'auditpipe_events_total{dimension="model",value="m-a"} 7',
-                'auditpipe_events_total{dimension="model",value="m-b"} 5',
-                'auditpipe_events_total{dimension="tenant",value="acme"} 7',
-                'auditpipe_processor_records_total{outcome="forward",reason=""} 12',
-                'auditpipe_processor_records_total{outcome="dead_letter",reason="bad_magic"} 1',
+                f'auditpipe_events_by_dimension_total{{dimension="model",{s},value="m-a"}} 7.0',
+                f'auditpipe_events_by_dimension_total{{dimension="model",{s},value="m-b"}} 5.0',
+                f'auditpipe_events_by_dimension_total{{dimension="tenant",{s},value="acme"}} 7.0',
+                f"auditpipe_events_received_total{{{s}}} 13.0",
+                f"auditpipe_events_sent_total{{{s}}} 12.0",
+                f'auditpipe_events_dead_lettered_total{{reason="bad_magic",{s}}} 1.0',
+                f'auditpipe_latency_seconds_count{{op="process",{s}}}',
+                f'auditpipe_lag{{partition="{settings.kafka.raw_topic}[',
             ]
-            text = wait_until(
-                lambda: (lambda t: t if all(e in t for e in expected) else "")(page()),
-                60,
-                "the counts on /metrics",
-            )
-            assert "# TYPE auditpipe_events_total counter" in text
+            for p in (port, metrics_port):
+                text = wait_until(
+                    lambda p=p: (lambda t: t if all(e in t for e in expected) else "")(page(p)),
+                    60,
+                    f"the counts on :{p}/metrics",
+                )
+                assert "# TYPE auditpipe_events_by_dimension_total counter" in text
+
+            def caught_up() -> bool:
+                lags = [
+                    ln for ln in page(metrics_port).splitlines() if ln.startswith("auditpipe_lag{")
+                ]
+                return bool(lags) and all(ln.endswith(" 0.0") for ln in lags)
+
+            wait_until(caught_up, 60, "the raw topic's lag to reach 0 once committed")
         finally:
             stop(proc)
+        lines = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines()]
+        assert lines, "the worker logged nothing"
+        for line in lines:
+            assert {"time", "level", "logger", "message", "pid"} <= set(line), line
+            assert line["pid"] == proc.pid and line["time"].endswith("Z")
+        loggers = {line["logger"] for line in lines}
+        assert any(name.startswith(("faust", "mode")) for name in loggers), loggers  # Faust's own
 
 
 class TestDeadAgent:

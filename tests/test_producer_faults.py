@@ -12,13 +12,11 @@ import os
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 from auditpipe.producer import AuditMiddleware, AuditProducer
 from auditpipe.schemas import decode, new_event
 
@@ -26,6 +24,7 @@ from auditpipe.broker import free_port
 from auditpipe.demo import create_demo_app
 from auditpipe.kafka import ensure_topics
 from auditpipe.settings import Settings
+from auditpipe.testing import reader
 
 from .asgiutil import serve
 from .conftest import wait_until
@@ -51,15 +50,7 @@ def read_all(
     (partition, request_id) in offset order)."""
 
     async def go() -> tuple[dict[str, int], list[tuple[int, str]]]:
-        consumer = AIOKafkaConsumer(
-            topic,
-            bootstrap_servers=bootstrap,
-            group_id=f"test-reader-{uuid.uuid4().hex[:8]}",
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=500,
-        )
+        consumer = reader(bootstrap, topic, session_timeout_ms=6000, heartbeat_interval_ms=500)
         await consumer.start()
         seen: dict[str, int] = {}
         order: list[tuple[int, str]] = []

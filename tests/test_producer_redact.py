@@ -113,12 +113,13 @@ class TestStdoutTransport:
         assert event["request_id"] == "flat" and CANARY_KEY not in orjson.dumps(event).decode()
         assert stats["dropped"] == {"redact_failed": 1} and stats["sent"] == 1
 
-    def test_invalid_redact_settings_fail_at_construction(self, tmp_path: Path) -> None:
-        settings = settings_from(
-            tmp_path, "[producer]\ntransport = 'stdout'\nredact = true\n[pipeline.redact]\nx = 1\n"
-        )
+    def test_invalid_redact_settings_fail_when_settings_load(self, tmp_path: Path) -> None:
+        """[pipeline] is validated by load_settings, before any producer is built."""
         with pytest.raises(ConfigError, match=r"pipeline\.redact\.x"):
-            AuditProducer(settings)
+            settings_from(
+                tmp_path,
+                "[producer]\ntransport = 'stdout'\nredact = true\n[pipeline.redact]\nx = 1\n",
+            )
 
 
 class TestSpool:

@@ -45,7 +45,10 @@ class TestProducerSettings:
             ({"AUDITPIPE_PRODUCER_WHEN_FULL": "wait"}, "producer.when_full"),
             ({"AUDITPIPE_PRODUCER_SPOOL_MAX_BYTES": "10"}, "producer.spool_max_bytes"),
             ({"AUDITPIPE_PRODUCER_CAPTURE_PATHS": "v1/chat"}, "producer.capture_paths"),
-            ({"AUDITPIPE_PRODUCER_SPOOL_MAX_MB": "1"}, "unknown key; allowed:"),
+            (
+                {"AUDITPIPE_PRODUCER_SPOOL_MAX_MB": "1"},
+                "did you mean AUDITPIPE_PRODUCER_SPOOL_MAX_BYTES",
+            ),
         ],
     )
     def test_errors_name_the_key(self, env: dict[str, str], needle: str) -> None:

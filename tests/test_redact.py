@@ -8,12 +8,12 @@ import sys
 from typing import Any
 
 import pytest
-from auditpipe.processors.base import build_chain
 from auditpipe.schemas import new_event
 
 from auditpipe.errors import ConfigError
 from auditpipe.redaction.detectors import CREDENTIAL_HEADERS, luhn_ok
 from auditpipe.redaction.step import RedactConfig, RedactStep
+from auditpipe.steps import build_chain
 
 from .redaction_corpus import NEGATIVES, POSITIVES, redact_like_the_cli, score
 

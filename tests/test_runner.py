@@ -331,10 +331,13 @@ class TestHealthAndMetrics:
 
         ok, metrics, unhealthy = asyncio.run(scenario())
         assert ok.status_code == 200 and ok.json()["written"] == 12
-        assert 'auditpipe_sink_received_total{sink="partitioned"} 12.0' in metrics
-        assert 'auditpipe_sink_written_total{sink="partitioned"} 12.0' in metrics
-        assert 'auditpipe_sink_dead_lettered_total{sink="partitioned"} 0.0' in metrics
-        assert "auditpipe_sink_lag{" in metrics
+        assert 'auditpipe_events_received_total{stage="sink.partitioned"} 12.0' in metrics
+        assert 'auditpipe_events_sent_total{stage="sink.partitioned"} 12.0' in metrics
+        assert (
+            'auditpipe_events_dropped_total{reason="step",stage="sink.partitioned"} 0.0' in metrics
+        )
+        assert 'auditpipe_latency_seconds_count{op="write",stage="sink.partitioned"}' in metrics
+        assert "auditpipe_lag{" in metrics
         assert "failing for" in unhealthy.json()["status"]
 
 

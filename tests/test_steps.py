@@ -136,3 +136,34 @@ class TestPipelineConfig:
     def test_unknown_key_in_a_step_table(self) -> None:
         with pytest.raises(ConfigError, match=r"pipeline\.redact\.colour: unknown key"):
             build_chain({"redact": {"colour": "red"}})
+
+
+class TestTypedConfig:
+    def test_the_generic_argument_is_the_config_model(self) -> None:
+        """``ProcessorStep[C]`` and ``Sink[C]`` set ``Config = C``: the model is named once."""
+        from auditpipe.processors.sample import SampleConfig, SampleStep
+        from auditpipe.sinks.file import FileConfig, FileSink
+
+        assert SampleStep.Config is SampleConfig and FileSink.Config is FileConfig
+        assert isinstance(SampleStep().config, SampleConfig)
+
+    def test_a_config_that_contradicts_the_generic_argument_is_refused(self) -> None:
+        """Declaring ``Step[A]`` with ``Config = B`` fails at class creation, naming both."""
+        from pydantic import Field
+
+        from auditpipe.settings import StrictModel
+        from auditpipe.steps import ProcessorStep
+
+        class A(StrictModel):
+            a: int = Field(1, description="a")
+
+        class B(StrictModel):
+            b: int = Field(1, description="b")
+
+        with pytest.raises(
+            TypeError, match=r"Wrong.Config is .B. but the class is declared as ProcessorStep\[A\]"
+        ):
+
+            class Wrong(ProcessorStep[A]):
+                name = "wrong"
+                Config = B

@@ -23,8 +23,17 @@ def write_config(settings: Settings, path: Path, steps: list[str] | None = None)
         + (f"web_port = {p.web_port}\n" if p.web_port else "")
         + (f"step_processes = {p.step_processes}\n" if p.step_processes else "")
         + (f"[pipeline]\nsteps = {steps!r}\n".replace("'", '"') if steps is not None else "")
+        + (f"[metrics]\nport = {settings.metrics.port}\n" if settings.metrics.port else "")
+        + _logging_table(settings)
     )
     return path
+
+
+def _logging_table(settings: Settings) -> str:
+    lg = settings.logging
+    lines = [f'format = "{lg.format}"'] if lg.format != "text" else []
+    lines += [f'level = "{lg.level}"'] if lg.level is not None else []
+    return "[logging]\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def spawn_worker(

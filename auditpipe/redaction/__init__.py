@@ -13,26 +13,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .headers import CREDENTIAL_HEADERS
+
 if TYPE_CHECKING:
     from .detectors import BUILTIN, BUILTIN_NAMES, Detector, find_all
     from .step import RedactConfig, RedactStep
-
-#: Headers that carry credentials: never recorded at capture (whatever the allowlist says),
-#: and removed by the redact step wherever a record has them (header maps, request bodies
-#: that carry headers, ``[name, value]`` pairs, text). ``credential_headers`` adds to them.
-CREDENTIAL_HEADERS = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "x-api-key",
-        "api-key",
-        "x-auth-token",
-        "x-amz-security-token",
-        "x-goog-api-key",
-    }
-)
 
 _WHERE = {
     "BUILTIN": "detectors",

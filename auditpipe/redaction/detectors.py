@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from . import CREDENTIAL_HEADERS
+from .headers import CREDENTIAL_HEADERS
 
 Validator = Callable[[str], bool]
 Match = tuple[int, int, str, "Detector"]

@@ -149,14 +149,13 @@ def _normalise(name: str) -> str:
 _PASSWORD_KEY = re.compile(PASSWORD_KEY, re.IGNORECASE)
 
 
-class RedactStep(ProcessorStep):
+class RedactStep(ProcessorStep[RedactConfig]):
     name = "redact"
     version = "2"  # bumped whenever built-in detection changes (part of the policy version)
-    Config = RedactConfig
 
-    def __init__(self, config: StrictModel | None = None) -> None:
+    def __init__(self, config: RedactConfig | None = None) -> None:
         super().__init__(config)
-        cfg: RedactConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         wanted = set(cfg.detectors)
         self.header_names = frozenset(CREDENTIAL_HEADERS | set(cfg.credential_headers))
         detectors: list[Detector] = []
@@ -189,7 +188,7 @@ class RedactStep(ProcessorStep):
 
     def _policy_version(self) -> str:
         """A stable hash of the effective policy (never of the HMAC key)."""
-        cfg: RedactConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         policy = {
             "step": [self.name, self.version],
             "detectors": [d.signature() for d in self.detectors],
@@ -209,7 +208,7 @@ class RedactStep(ProcessorStep):
         skip: set[tuple[Any, ...]] = set()
         for path, action in self._rules:
             self._apply_field_rule(out, path, action, counts, skip)
-        cfg: RedactConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         for top in ("input", "output"):
             if out.get(top) is not None:
                 out[top] = self._scan(out[top], (top,), counts, skip, True)
@@ -356,7 +355,7 @@ class RedactStep(ProcessorStep):
             return f"[{label}:{digest}]"
         if action == "remove":
             return ""
-        keep = self.config.truncate_keep_chars  # type: ignore[attr-defined]
+        keep = self.config.truncate_keep_chars
         return f"{value[:keep]}…[TRUNCATED:{label}]"
 
     # -- field rules -----------------------------------------------------------------------------
