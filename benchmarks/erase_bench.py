@@ -1,9 +1,10 @@
 """Erasing one user: among N PostgreSQL rows and among M S3 objects (seconds), with baselines.
 
     .venv/bin/python benchmarks/erase_bench.py [--pg-rows 1000000] [--s3-objects 1000]
-        [--dsn postgresql://postgres@127.0.0.1:5432/postgres] [--skip-pg] [--skip-s3]
+        [--dsn DSN] [--skip-pg] [--skip-s3]
 
-PostgreSQL: a fresh schema filled by benchmarks/bulkload.py (the sink's layout, ~1.5 KB per
+PostgreSQL (``--dsn``, default: an embedded PostgreSQL, pgserver, in a temporary directory): a
+fresh schema filled by benchmarks/bulkload.py (the sink's layout, ~1.5 KB per
 record, caller metadata ``user`` with 1000 values, so one user owns N/1000 records); the
 erasure is ``PostgresSink.erase(Selector("user", "u7"))`` (chunked deletes, cascade). Baseline
 in the same run: ``PostgresSink.count`` of the same selector (the same scan, no deletes) and a
@@ -156,13 +157,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pg-rows", type=int, default=1_000_000)
     parser.add_argument("--s3-objects", type=int, default=1000)
-    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--dsn", help="PostgreSQL to use (default: embedded, temporary)")
     parser.add_argument("--skip-pg", action="store_true")
     parser.add_argument("--skip-s3", action="store_true")
     args = parser.parse_args()
     out: dict[str, Any] = {"benchmark": "erase_bench"}
-    if not args.skip_pg:
-        out["postgres"] = bench_pg(args.dsn, args.pg_rows)
+    if not args.skip_pg and args.dsn:
+        out["postgres"] = {"store": "dsn", **bench_pg(args.dsn, args.pg_rows)}
+    elif not args.skip_pg:
+        import tempfile
+
+        from auditpipe.embedded_pg import EmbeddedPostgres
+
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            EmbeddedPostgres(Path(tmp) / "pg").running() as dsn,
+        ):
+            out["postgres"] = {
+                "store": "embedded PostgreSQL (pgserver)",
+                **bench_pg(dsn, args.pg_rows),
+            }
     if not args.skip_s3:
         out["s3"] = bench_s3(args.s3_objects)
     print(json.dumps(out, indent=2))
