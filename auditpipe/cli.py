@@ -33,10 +33,13 @@ import contextlib
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import AuditpipeError, ConfigError
 from .settings import Settings, load_settings, settings_path_from_env, validate_model
+
+if TYPE_CHECKING:
+    from auditpipe.sinks import Sink
 
 #: Commands that run until stopped log at INFO unless [logging] level says otherwise.
 LONG_RUNNING = frozenset({"process", "sink", "broker", "proxy", "receive", "serve", "demo"})
@@ -104,7 +107,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
-    from auditpipe.sinks import available_sinks, create_sink
+    from auditpipe.sinks import Migratable, available_sinks, create_sink
 
     if args.list:
         for name, target in sorted(available_sinks().items()):
@@ -115,10 +118,9 @@ def cmd_sink(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.migrate:
         sink = create_sink(args.name, settings.sinks, _origin(args))
-        migrate = getattr(sink, "migrate", None)
-        if migrate is None:
+        if not isinstance(sink, Migratable):
             raise ConfigError(f"sink {args.name!r} has nothing to migrate")
-        asyncio.run(migrate())
+        asyncio.run(sink.migrate())
         print(f"sink {args.name}: schema is up to date", file=sys.stderr)
         return 0
     from .kafka import preflight
@@ -128,10 +130,10 @@ def cmd_sink(args: argparse.Namespace) -> int:
     return asyncio.run(_run_sink(sink, settings))
 
 
-async def _run_sink(sink: object, settings: Settings) -> int:
+async def _run_sink(sink: Sink[Any], settings: Settings) -> int:
     from auditpipe.sinks.runner import SinkRunner
 
-    runner = SinkRunner(sink, settings)  # type: ignore[arg-type]
+    runner = SinkRunner(sink, settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, runner.stop)

@@ -5,6 +5,8 @@ Tansu (the embedded broker) rejects that version with UnknownError, so an idempo
 producer cannot start on it. :func:`install_init_producer_id_v3` teaches aiokafka the v3 form
 of the same request (explicit ``producer_id=-1, producer_epoch=-1``, as Apache Kafka clients
 send since 2.5). Version negotiation is unchanged: a broker that does not offer v3 still gets v0.
+It changes aiokafka for the whole process, so it is a setting (``[kafka] init_producer_id_v3``,
+on by default for the embedded broker's sake) and :func:`uninstall_init_producer_id_v3` undoes it.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from .errors import BrokerError, ConfigError
 from .settings import KafkaSettings, ProducerSettings
 
 _V3_INSTALLED = False
+_V3_ORIGINAL: tuple[Any, Any] | None = None  # aiokafka's (_CLASSES, build), to put back
 
 
 def install_init_producer_id_v3() -> None:
     """Register InitProducerId v3 with aiokafka's version negotiation (idempotent)."""
-    global _V3_INSTALLED
+    global _V3_INSTALLED, _V3_ORIGINAL
     if _V3_INSTALLED:
         return
     from aiokafka.protocol import transaction as txn
@@ -58,6 +61,7 @@ def install_init_producer_id_v3() -> None:
 
     request = txn.InitProducerIdRequest
     build_v0 = request.build
+    _V3_ORIGINAL = (request._CLASSES, build_v0)
 
     def build(self: Any, struct_class: Any) -> Any:
         if struct_class is InitProducerIdRequest_v3:
@@ -67,6 +71,17 @@ def install_init_producer_id_v3() -> None:
     request._CLASSES = (txn.InitProducerIdRequest_v0, InitProducerIdRequest_v3)
     request.build = build
     _V3_INSTALLED = True
+
+
+def uninstall_init_producer_id_v3() -> None:
+    """Put aiokafka's InitProducerId back as it was (producers created later use v0 only)."""
+    global _V3_INSTALLED, _V3_ORIGINAL
+    if not _V3_INSTALLED or _V3_ORIGINAL is None:
+        return
+    from aiokafka.protocol import transaction as txn
+
+    txn.InitProducerIdRequest._CLASSES, txn.InitProducerIdRequest.build = _V3_ORIGINAL
+    _V3_INSTALLED, _V3_ORIGINAL = False, None
 
 
 # -- one client configuration for every Kafka client ------------------------------------------
@@ -329,7 +344,8 @@ def require_bootstrap(kafka: KafkaSettings) -> str:
 
 def producer_kwargs(kafka: KafkaSettings, producer: ProducerSettings) -> dict[str, Any]:
     """AIOKafkaProducer arguments: acks=all, idempotence, compression, batching."""
-    install_init_producer_id_v3()
+    if kafka.init_producer_id_v3:
+        install_init_producer_id_v3()
     return {
         **client_kwargs(kafka),
         "client_id": kafka.client_id,

@@ -59,6 +59,13 @@ class KafkaSettings(StrictModel):
     replication_factor: int = Field(1, ge=1)
     client_id: str = "auditpipe"
     request_timeout_ms: int = Field(30_000, ge=1000)
+    init_producer_id_v3: bool = Field(
+        True,
+        description="teach aiokafka (process-wide, when auditpipe creates a producer) the v3 form "
+        "of InitProducerId, which the embedded broker needs for idempotent producers; brokers "
+        "without v3 still get v0. false leaves aiokafka untouched "
+        "(auditpipe.kafka.uninstall_init_producer_id_v3 undoes it)",
+    )
     # -- retention of the topics auditpipe creates (`auditpipe topics --create`, `dev`) --------
     raw_retention_secs: int = Field(
         259_200,
@@ -319,6 +326,13 @@ class RunnerSettings(StrictModel):
     )
     max_wait_secs: float = Field(0.2, ge=0)
     session_timeout_secs: float = Field(10.0, gt=0)
+    gc_gen0_threshold: int | None = Field(
+        50_000,
+        ge=1,
+        description="process-wide: the cyclic GC's first-generation threshold while the runner "
+        "runs (Python's default 700 made the GC re-walk buffered batches: a quarter of the "
+        "runner's CPU); restored when it stops. Unset leaves the interpreter's setting alone",
+    )
     max_bytes: int = Field(
         4_194_304, ge=1, description="a partition's batch is written once its records reach this"
     )

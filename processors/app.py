@@ -4,8 +4,9 @@
 takes records in batches with acking left to it (``noack_take``), runs the steps, and hands the
 outcomes to a delivery task; it acks a batch's records only once every outcome was acknowledged
 by Kafka (forwarded or dead-lettered), and Faust commits only acked offsets. A failed send is
-retried with backoff, so no record is committed before it went somewhere. While batch k is in
-flight the agent processes batch k+1 (at most two batches in memory).
+retried with backoff (``auditpipe.retry``), so no record is committed before it went somewhere;
+a record Kafka rejects for good (too large) is dead-lettered instead of stalling the worker.
+While batch k is in flight the agent processes batch k+1 (at most two batches in memory).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import logging
 import multiprocessing
 import os
-import random
 import tempfile
 import time
 from collections import Counter, deque
@@ -24,8 +24,10 @@ from typing import Any
 
 import faust
 
+from auditpipe.dlq import H_REASON, dead_letter_headers
 from auditpipe.kafka import faust_broker_options
 from auditpipe.metrics import Latency, Source, Stage, exposition, make_registry, serve_async
+from auditpipe.retry import Backoff, is_permanent
 from auditpipe.settings import Settings
 
 from .pipeline import Outcome, chain_for, process_record
@@ -136,33 +138,55 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
             name, value_type=bytes, key_type=bytes, key_serializer="raw", value_serializer="raw"
         )
 
-    async def deliver(outcomes: list[Outcome]) -> None:
-        pending = [o for o in outcomes if o.kind != "drop"]
-        backoff = 0.1
+    async def deliver(outcomes: list[Outcome], batch: list[Any]) -> list[Outcome]:
+        """Send every outcome (``batch[i]`` is outcome i's source event) until Kafka acknowledged
+        it, and return the outcomes as delivered. A transient failure is retried with backoff; a
+        record Kafka rejects for good (too large, an invalid or unauthorized topic) cannot stall
+        the worker: it becomes a dead letter (reason ``kafka_rejected``, original bytes), and a
+        dead letter rejected for its size goes to the DLQ without its value."""
+        final = list(outcomes)
+        pending = [i for i, o in enumerate(final) if o.kind != "drop"]
+        backoff = Backoff(0.1, 5.0)
         while pending:
-            futures = []
+            sends: list[Any] = []
             send = app.producer.send  # the transport's producer: no per-message channel machinery
-            for o in pending:
+            for i in pending:
+                o = final[i]
                 topic = kafka.events_topic if o.kind == "forward" else kafka.dlq_topic
-                futures.append(await send(topic, o.key, o.value, None, None, o.headers or None))
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            failed = [
-                o for o, r in zip(pending, results, strict=True) if isinstance(r, BaseException)
-            ]
-            if failed:
-                stats.retries += len(failed)
-                stats.errors["kafka_send"] += len(failed)
-                log.warning("%d record(s) not acknowledged by Kafka; retrying", len(failed))
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 5.0)
-            pending = failed
+                try:
+                    sends.append(await send(topic, o.key, o.value, None, None, o.headers or None))
+                except Exception as exc:  # refused before sending, e.g. a record over the limit
+                    sends.append(_failed_future(exc))
+            results = await asyncio.gather(*sends, return_exceptions=True)
+            retry, transient = [], 0
+            for i, result in zip(pending, results, strict=True):
+                if not isinstance(result, Exception):
+                    continue
+                retry.append(i)
+                replacement = _rejected(final[i], batch[i].message, result)
+                if replacement is None:
+                    transient += 1
+                else:
+                    log.error(
+                        "Kafka rejected a record for good (%s: %s); %s",
+                        type(result).__name__, result, replacement.reason,
+                    )  # fmt: skip
+                    final[i] = replacement
+            if transient:
+                delay = backoff.next()
+                log.warning(
+                    "%d record(s) not acknowledged by Kafka; retrying in %.2fs", transient, delay
+                )
+                await asyncio.sleep(delay)
+            pending = retry
+        return final
 
     async def deliver_and_ack(
         stream: faust.StreamT[bytes], batch: list[Any], outcomes: list[Outcome]
     ) -> None:
         # Every outcome acknowledged by Kafka first, then the source records: Faust commits
         # only acked offsets, so nothing is committed before it went somewhere.
-        await deliver(outcomes)
+        outcomes = await deliver(outcomes, batch)
         # The counts go out before the acks: Faust's commit flushes the producer first, so a
         # committed batch's counts are on their topic (a crash before the commit recounts).
         for dim_key, n in batch_counts(outcomes).items():
@@ -237,6 +261,29 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
                 pool.shutdown()
 
     return app
+
+
+def _failed_future(exc: BaseException) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    fut.set_exception(exc)
+    return fut
+
+
+def _rejected(outcome: Outcome, source: Any, exc: Exception) -> Outcome | None:
+    """What to send instead of ``outcome`` after Kafka refused it with ``exc``; None: retry it
+    as it is (a transient failure, or a dead letter with nothing left to shed)."""
+    if not is_permanent(exc):
+        return None
+    if outcome.kind == "forward":
+        headers = dead_letter_headers(
+            "deliver", "kafka_rejected", exc, source.topic, source.partition, source.offset
+        )
+        return Outcome("dead_letter", source.key, source.value, headers, "kafka_rejected")
+    if outcome.value is None:
+        return None  # even the bare dead letter is refused: keep retrying, loudly
+    headers = [(k, v) for k, v in outcome.headers if k != H_REASON]
+    headers.append((H_REASON, b"kafka_rejected_value_dropped"))
+    return Outcome("dead_letter", outcome.key, None, headers, "kafka_rejected_value_dropped")
 
 
 def process_batch(records: list[Record], steps: list[Step]) -> list[Outcome]:

@@ -53,9 +53,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import IO, Any
 
-from auditpipe.schemas import Event, EventValidationError, encode, latest_schema_id, to_json
+from auditpipe.schemas import (
+    Event,
+    EventValidationError,
+    encode,
+    latest_schema_id,
+    peek_event_id,
+    to_json,
+)
 
 from auditpipe.kafka import client_kwargs, connect_problem, producer_kwargs
+from auditpipe.retry import Backoff
 from auditpipe.settings import Settings, load_settings, settings_path_from_env
 
 from ._spool import Spool, SpoolError, WriteFn
@@ -494,7 +502,7 @@ class AuditProducer:
         cfg = self._cfg
         topic = self.settings.kafka.raw_topic
         producer: AIOKafkaProducer | None = None
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         next_attempt = 0.0
         stop_deadline: float | None = None
         while True:
@@ -511,14 +519,15 @@ class AuditProducer:
                 candidate = AIOKafkaProducer(**producer_kwargs(self.settings.kafka, cfg))
                 try:
                     await asyncio.wait_for(candidate.start(), max(cfg.spill_after_ms / 1000, 1.0))
-                    producer, backoff = candidate, 0.1
+                    producer = candidate
+                    backoff.reset()
                     self._kafka_up = True
                 except Exception as exc:
                     await _quiet_stop(candidate, 1.0)
                     why = await connect_problem(self.settings.kafka) or exc
-                    log.warning("Kafka not reachable (%s); retrying in %.1fs", why, backoff)
-                    next_attempt = time.monotonic() + backoff
-                    backoff = min(backoff * 2, 5.0)
+                    delay = backoff.next()
+                    log.warning("Kafka not reachable (%s); retrying in %.1fs", why, delay)
+                    next_attempt = time.monotonic() + delay
             if producer is None:
                 if self._spool is not None and self._buf:
                     self._busy = True
@@ -638,14 +647,14 @@ class AuditProducer:
                     i = done
                     while i < len(values):
                         v = values[i]
-                        key = keys[i] if keys is not None else _event_id_of(v)
+                        key = keys[i] if keys is not None else peek_event_id(v)
                         if batch.append(key=key, value=v, timestamp=None) is None:
                             break
                         i += 1
                         self._pace(coarse=True)
                     if i == done:  # one record larger than a batch: let aiokafka size it
                         v = values[i]
-                        key = keys[i] if keys is not None else _event_id_of(v)
+                        key = keys[i] if keys is not None else peek_event_id(v)
                         fut = await producer.send(topic, v, key=key)
                         i += 1
                     else:
@@ -772,23 +781,6 @@ class AuditProducer:
                 pass
         self._wake.clear()
         self._idle = False
-
-
-def _event_id_of(value: bytes) -> bytes | None:
-    """The record key (event_id) read back from an encoded value: Avro's first field."""
-    # Confluent header (5 bytes), then event_id as an Avro string: zigzag varint length + UTF-8.
-    pos, shift, n = 5, 0, 0
-    while pos < len(value):
-        b = value[pos]
-        n |= (b & 0x7F) << shift
-        pos += 1
-        if not b & 0x80:
-            break
-        shift += 7
-    length = (n >> 1) ^ -(n & 1)
-    if length <= 0 or pos + length > len(value):
-        return None
-    return value[pos : pos + length]
 
 
 async def _quiet_stop(producer: Any, timeout_secs: float) -> None:

@@ -57,9 +57,13 @@ class SinkError(AuditpipeError):
 class RetriableSinkError(SinkError):
     """The store is unavailable or slow; the same batch may succeed later."""
 
+    permanent = False  # auditpipe.retry.is_permanent reads this
+
 
 class PermanentSinkError(SinkError):
     """The store rejects the data itself; retrying cannot help."""
+
+    permanent = True
 
 
 class Batch(list[Event]):

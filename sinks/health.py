@@ -17,15 +17,25 @@ counted twice.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from auditpipe.metrics import Source, Stage, make_registry, serve_async
 
-if TYPE_CHECKING:
-    from .runner import SinkRunner
+
+class Observed(Protocol):
+    """What the endpoint reads of a runner (:class:`~auditpipe.sinks.runner.SinkRunner`), named
+    here so that this module does not import the runner that starts it."""
+
+    @property
+    def stats(self) -> Any: ...
+    @property
+    def sink(self) -> Any: ...
+    def lag(self) -> dict[Any, int]: ...
+    def snapshot(self) -> dict[str, Any]: ...
+    def healthy(self) -> tuple[bool, str]: ...
 
 
-def runner_stage(runner: SinkRunner) -> Source:
+def runner_stage(runner: Observed) -> Source:
     """A sink runner's counters as the stage ``sink.NAME``."""
 
     def read() -> list[Stage]:
@@ -48,11 +58,11 @@ def runner_stage(runner: SinkRunner) -> Source:
     return read
 
 
-def _registry(runner: SinkRunner) -> Any:
+def _registry(runner: Observed) -> Any:
     return make_registry(runner_stage(runner))[0]
 
 
-async def serve_health(runner: SinkRunner, host: str, port: int) -> asyncio.Server:
+async def serve_health(runner: Observed, host: str, port: int) -> asyncio.Server:
     """Start the endpoint (``port`` 0 = any free port); the caller closes the server."""
 
     def health() -> tuple[bool, dict[str, Any]]:

@@ -35,8 +35,8 @@ not written stays uncommitted and is redelivered to the next runner of the group
 Records are decoded as they arrive, so a partition's next batches are decoded while its
 current write is in flight; the commit after a write runs in the background while the next
 write starts (a partition's commits are chained, so its committed offset only moves forward).
-The runner raises the cyclic GC's first-generation threshold of the process to
-``GC_GEN0_THRESHOLD`` (see there why).
+While it runs, the runner raises the cyclic GC's first-generation threshold of the process to
+``[runner] gc_gen0_threshold`` (see there why; unset leaves it alone) and restores it after.
 
 Health and metrics: with ``runner.health_port`` set, ``/healthz`` and ``/metrics``
 (Prometheus) are served; see :mod:`auditpipe.sinks.health`.
@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,9 +59,10 @@ from auditpipe.schemas import DecodeError, Event, decode
 from auditpipe.dlq import dead_letter_headers
 from auditpipe.kafka import client_kwargs, producer_kwargs, start_client
 from auditpipe.metrics import Latency
+from auditpipe.retry import Backoff, is_permanent
 from auditpipe.settings import Settings
 
-from .base import Batch, PermanentSinkError, Sink
+from .base import Batch, Sink
 
 log = logging.getLogger("auditpipe.sinks")
 
@@ -81,13 +81,6 @@ class _Rejected:
 #: A record one of the sink's steps dropped (written nowhere, committed).
 _DROPPED = object()
 Outcome = Event | _Rejected | object
-
-# The cyclic GC's first generation runs after this many net container allocations (Python's
-# default is 700). Decoded events are dozens of small dicts and lists each, and the runner holds
-# up to four batches per partition, so with the default it ran every few events and kept
-# re-traversing the buffered batches: about a quarter of the runner's CPU (benchmarks/sinks.py).
-GC_GEN0_THRESHOLD = 50_000
-
 
 @dataclass
 class RunnerStats:
@@ -113,7 +106,7 @@ class _Partition:
     since: float = 0.0  # monotonic time the oldest buffered record arrived
     failing_since: float | None = None
     retry_at: float = 0.0
-    backoff: float = 0.0
+    backoff: Backoff | None = None  # while failing: the delays of its retries
     committed: int | None = None
     task: asyncio.Task[bool] | None = None  # the write in flight (one per partition)
     commit: asyncio.Task[None] | None = None  # the latest commit (they run in offset order)
@@ -200,9 +193,10 @@ class SinkRunner:
             max_poll_records=runner.max_events,
         )
         consumer.subscribe([kafka.events_topic], listener=_Rebalance(self))
-        gen0, gen1, gen2 = gc.get_threshold()
-        if 0 < gen0 < GC_GEN0_THRESHOLD:  # 0: the process turned the GC off; leave it so
-            gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+        saved_gc = gc.get_threshold()
+        wanted = runner.gc_gen0_threshold
+        if wanted is not None and 0 < saved_gc[0] < wanted:  # 0: the GC is off; leave it so
+            gc.set_threshold(wanted, *saved_gc[1:])
         self._consumer = consumer
         self._dlq = AIOKafkaProducer(**producer_kwargs(kafka, self.settings.producer))
         health = None
@@ -230,6 +224,7 @@ class SinkRunner:
             if health is not None:
                 health.close()
             await self._shutdown(consumer)
+            gc.set_threshold(*saved_gc)
 
     # -----------------------------------------------------------------------------------------
     # The loop
@@ -464,7 +459,7 @@ class SinkRunner:
             part.full = False
         if part.failing_since is not None:
             part.failing_since = None
-            part.backoff = 0.0
+            part.backoff = None
             log.warning("sink %s: %s recovered", self.sink.name, tp)
         self._set_paused(consumer, tp, part)
         self.stats.batches += 1
@@ -510,12 +505,10 @@ class SinkRunner:
         now = time.monotonic()
         self._count_error(exc)
         self.stats.retried += 1
-        part.backoff = (
-            runner.backoff_initial_secs
-            if part.failing_since is None
-            else min(part.backoff * 2, runner.backoff_max_secs)
-        )
-        delay = part.backoff * (0.5 + random.random())
+        if part.failing_since is None or part.backoff is None:
+            first = runner.backoff_initial_secs
+            part.backoff = Backoff(first, max(runner.backoff_max_secs, first))
+        delay = part.backoff.next()
         if part.failing_since is None:
             part.failing_since = now
             self._set_paused(consumer, tp, part)
@@ -532,12 +525,15 @@ class SinkRunner:
     async def _write_isolating(self, batch: Batch) -> list[tuple[int, BaseException]]:
         """Write ``batch``; return (offset, error) of the events the sink permanently rejects.
 
-        Bisects on :class:`PermanentSinkError`. Any other error propagates (retry the batch;
-        halves already written are rewritten harmlessly, writes being idempotent).
+        Bisects on a permanent error (:func:`auditpipe.retry.is_permanent`:
+        :class:`PermanentSinkError` and any error that says so). Any other error propagates
+        (retry the batch; halves already written are rewritten harmlessly, writes being idempotent).
         """
         try:
             await self.sink.write(batch)
-        except PermanentSinkError as exc:
+        except Exception as exc:
+            if not is_permanent(exc):  # PermanentSinkError, or an error that says it is one
+                raise
             if len(batch) == 1:
                 return [(batch.offsets[0], exc)]
             mid = len(batch) // 2

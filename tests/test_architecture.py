@@ -231,11 +231,7 @@ class TestImportBoundaries:
 
 #: Cycles through a lazy import (inside a function or under TYPE_CHECKING) that are known and
 #: scheduled for removal. Each must still exist (else delete it here): the list only shrinks.
-KNOWN_LAZY_CYCLES = [
-    # sinks/runner.py starts the health server lazily; health.py names SinkRunner for typing.
-    # Issue 15: removed with the runner's rework (runner.py belongs to that change).
-    {"auditpipe.sinks.runner", "auditpipe.sinks.health"},
-]
+KNOWN_LAZY_CYCLES: list[set[str]] = []
 
 
 class TestNoImportCycles:

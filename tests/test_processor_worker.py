@@ -339,3 +339,33 @@ async def produce_many(bootstrap: str, topic: str, values: list[bytes]) -> None:
         await asyncio.gather(*[await producer.send(topic, v) for v in values])
     finally:
         await producer.stop()
+
+
+class TestPermanentKafkaRejection:
+    def test_a_record_kafka_will_never_take_is_dead_lettered_and_the_worker_goes_on(
+        self, settings: Settings, tmp_path: Path
+    ) -> None:
+        """An event a step makes larger than Kafka's request limit used to be retried forever,
+        stalling its partition; now it goes to the DLQ (original bytes, reason kafka_rejected)
+        and the events around it are delivered."""
+        proc = spawn_worker(settings, tmp_path, steps=["tests.inflating_step:Inflate"])
+        try:
+            events = [new_event(request_id=f"ok-{i}", model="m") for i in range(20)]
+            big = new_event(request_id="inflate-1", model="m")
+            values = [encode(e) for e in events[:10]] + [encode(big)]
+            values += [encode(e) for e in events[10:]]
+            bootstrap = settings.kafka.bootstrap or ""
+            run(produce(bootstrap, settings.kafka.raw_topic, values))
+
+            delivered = run(consume(bootstrap, settings.kafka.events_topic, 20, timeout_secs=90))
+            assert sorted(decode(r.value)["request_id"] for r in delivered) == sorted(
+                e["request_id"] for e in events
+            )
+            dead = run(consume(bootstrap, settings.kafka.dlq_topic, 1, timeout_secs=60))
+            assert [r.value for r in dead] == [encode(big)]
+            headers = headers_dict(dead[0].headers)
+            assert headers[H_REASON] == "kafka_rejected"
+            assert headers[H_STAGE] == "deliver"
+            assert proc.poll() is None, "the worker died on a rejected record"
+        finally:
+            stop(proc)

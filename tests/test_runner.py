@@ -89,6 +89,36 @@ class TestSinkRunner:
         runner = asyncio.run(scenario())
         assert runner.stats.written == 20 and runner.stats.dead_lettered == 1
 
+    def test_the_gc_threshold_is_raised_while_running_and_restored_after(
+        self, settings: Settings
+    ) -> None:
+        """[runner] gc_gen0_threshold is a process-wide tweak: applied while the runner runs,
+        put back when it stops; unset, the interpreter's setting is left alone."""
+        import gc
+
+        before = gc.get_threshold()
+        seen: list[int] = []
+
+        class Watching(RecordingSink):
+            async def write(self, batch: Sequence[Event]) -> None:
+                seen.append(gc.get_threshold()[0])
+                await super().write(batch)
+
+        async def scenario(threshold: int | None) -> None:
+            await produce(settings.kafka.bootstrap or "", settings.kafka.events_topic,
+                          [encode(e) for e in events(3)])  # fmt: skip
+            runner_settings = settings.runner.model_copy(update={"gc_gen0_threshold": threshold})
+            s = settings.model_copy(update={"runner": runner_settings})
+            sink = Watching()
+            await run_until(SinkRunner(sink, s), lambda: len(sink.events) >= 3)
+
+        asyncio.run(scenario(123_456))
+        assert seen and set(seen) == {123_456}
+        assert gc.get_threshold() == before
+        seen.clear()
+        asyncio.run(scenario(None))
+        assert seen and set(seen) == {before[0]}
+
     def test_retriable_errors_are_retried_without_loss_or_duplicates(
         self, settings: Settings
     ) -> None:
