@@ -10,15 +10,25 @@ PostgreSQL rows and logs the change (one transaction, :func:`delete_completion`)
 fails makes the request fail with 503 and deletes nothing from PostgreSQL, so the record stays
 visible and the client's retry completes the erasure (erasing is idempotent). Records a store
 must keep (S3 Object Lock) are logged, not an error: the API has no way to say "partly".
+
+With ``[privacy] min_retention_days`` set, a record younger than that is not deleted at all:
+the answer is 409 (``code: "retention_required"``), naming the command that can override it
+with a reason (``auditpipe erase --event-id ID --override-retention --reason TEXT``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from auditpipe.privacy.erasure import ErasureFailed, erasable_stores, erase_everywhere
+from auditpipe.privacy.erasure import (
+    ErasureFailed,
+    RetentionRequired,
+    erasable_stores,
+    erase_everywhere,
+)
 from auditpipe.privacy.selector import Selector
 
 from .store import Change, Record, Store, delete_completion
@@ -27,7 +37,7 @@ log = logging.getLogger("auditpipe.api.erasure")
 
 
 def erasing_deleter(
-    sinks: Mapping[str, Mapping[str, Any]], origin: str
+    sinks: Mapping[str, Mapping[str, Any]], origin: str, min_retention_days: float = 0
 ) -> Callable[[Store, str, Change], Awaitable[Record | None]]:
     others = {name: table for name, table in sinks.items() if name != "postgres"}
     erasable_stores(others, origin)  # validate the tables now: a bad one fails start-up
@@ -36,6 +46,15 @@ def erasing_deleter(
         rec = await store.get_completion(ref)
         if rec is None:
             return None
+        if min_retention_days > 0:
+            kept_until = rec.timestamp + dt.timedelta(days=min_retention_days)
+            if kept_until > dt.datetime.now(dt.UTC):
+                raise RetentionRequired(
+                    f"this record is younger than [privacy] min_retention_days "
+                    f"({min_retention_days:g} days) and must be kept until "
+                    f"{kept_until:%Y-%m-%dT%H:%M:%SZ}; to erase it anyway run `auditpipe erase "
+                    f"--event-id {rec.event_id} --override-retention --reason TEXT`"
+                )
         stores = erasable_stores(others, origin)
         try:
             receipts = await erase_everywhere(stores, Selector("event_id", rec.event_id))

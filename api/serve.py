@@ -117,7 +117,12 @@ def run_serve(settings: Settings, origin: str) -> int:
 
         # DELETE erases the record from every configured store (docs/privacy.md)
         others = [n for n in settings.sinks if n != "postgres"]
-        deleter = erasing_deleter(settings.sinks, origin) if others else delete_completion
+        min_days = settings.privacy.min_retention_days
+        deleter = (
+            erasing_deleter(settings.sinks, origin, min_days)
+            if others or min_days
+            else delete_completion
+        )
         app = RequestMetrics(
             create_app(Store(config, serve, dsn), keys, page_size=serve.page_size,
                        deleter=deleter),

@@ -263,7 +263,7 @@ class TestInterrupted:
 
 
 class TestServeDelete:
-    def _server(self, pg: PgHarness, sinks: dict[str, Any]) -> Any:
+    def _server(self, pg: PgHarness, sinks: dict[str, Any], min_days: float = 0) -> Any:
         import uvicorn
         from auditpipe.api.app import create_app
         from auditpipe.api.auth import KeyRing
@@ -278,21 +278,21 @@ class TestServeDelete:
         app = create_app(
             Store(PostgresConfig(dsn=pg.dsn, schema_name=pg.schema), serve, pg.dsn),
             KeyRing(serve),
-            deleter=erasing_deleter(sinks, "test"),
+            deleter=erasing_deleter(sinks, "test", min_days),
         )
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                                log_level="warning"))  # fmt: skip
         return server, f"http://127.0.0.1:{port}/v1"
 
-    def _run(self, pg: PgHarness, sinks: dict[str, Any], body: Any) -> None:
+    def _run(self, pg: PgHarness, sinks: dict[str, Any], body: Any, min_days: float = 0) -> None:
         import threading
 
         import openai
 
         from .conftest import wait_until
 
-        server, url = self._server(pg, sinks)
+        server, url = self._server(pg, sinks, min_days)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         try:
@@ -344,6 +344,36 @@ class TestServeDelete:
         sinks = {"postgres": pg.config, "file": f.config, "s3": broken.config}
         self._run(pg, sinks, body)
         assert pg.snapshot() == before
+
+    def test_min_retention_days_makes_delete_of_a_young_record_answer_409(
+        self, tmp_path: Path, pg_dsn: str
+    ) -> None:
+        """A record younger than min_retention_days stays (409 names the override command); an
+        older one is deleted."""
+        import openai
+
+        now = time.time_ns() // 1_000_000
+        young = population(3, base_ms=now - 86_400_000)
+        old = population(3, base_ms=now - 400 * 86_400_000)
+        for e in old:
+            e["output"]["id"] = "old-" + e["output"]["id"]
+        pg, f = PgHarness(pg_dsn), FileHarness(tmp_path)
+        for h in (pg, f):
+            h.load(young + old)
+
+        def body(client: Any) -> None:
+            with pytest.raises(openai.ConflictError) as err:
+                client.chat.completions.delete("chatcmpl-1")
+            assert err.value.status_code == 409
+            error = err.value.body
+            assert error["code"] == "retention_required"
+            assert "min_retention_days (183 days)" in error["message"]
+            assert f"--event-id {young[1]['event_id']} --override-retention" in error["message"]
+            assert client.chat.completions.retrieve("chatcmpl-1").id == "chatcmpl-1"
+            assert client.chat.completions.delete("old-chatcmpl-1").deleted is True
+
+        self._run(pg, {"postgres": pg.config, "file": f.config}, body, min_days=183)
+        assert set(f.snapshot()) == {e["event_id"] for e in young + old} - {old[1]["event_id"]}
 
 
 class TestConfirmation:

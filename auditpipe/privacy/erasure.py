@@ -40,6 +40,10 @@ class ErasureFailed(AuditpipeError):
     """A store could not erase (the message names it and the error)."""
 
 
+class RetentionRequired(AuditpipeError):
+    """The record is younger than ``[privacy] min_retention_days``: it must be kept."""
+
+
 @dataclass
 class EraseResult:
     """What a store's ``erase`` did. ``skipped`` maps a reason to the records it kept."""
