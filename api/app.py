@@ -28,6 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from auditpipe.privacy.erasure import ErasureFailed, RetentionRequired
+
 from .auth import KeyRing, Principal
 from .completions import chat_completion, store_messages, validate_metadata
 from .store import Change, Record, Store, delete_completion
@@ -246,6 +248,12 @@ def _wrap(handler: Callable[[Request], Awaitable[Response]]) -> Any:
             return await handler(request)
         except ApiError as exc:
             return exc.response()
+        except RetentionRequired as exc:
+            return ApiError(409, str(exc), code="retention_required").response()
+        except ErasureFailed as exc:
+            log.warning("erasure failed: %s", exc)
+            return ApiError(503, str(exc), type="server_error",
+                            code="store_unavailable").response()  # fmt: skip
         except Exception as exc:
             import psycopg
 

@@ -104,7 +104,8 @@ def run_serve(settings: Settings, origin: str) -> int:
     import uvicorn
 
     from .app import create_app
-    from .store import Store
+    from .erasure import erasing_deleter
+    from .store import Store, delete_completion
 
     serve = settings.serve
     keys = check_access(serve, origin)
@@ -114,9 +115,19 @@ def run_serve(settings: Settings, origin: str) -> int:
         prepare_schema(dsn, config, serve.migrate)
         from auditpipe.metrics import RequestMetrics, make_registry, serve_thread
 
-        app = RequestMetrics(
-            create_app(Store(config, serve, dsn), keys, page_size=serve.page_size), "serve"
+        # DELETE erases the record from every configured store (docs/privacy.md)
+        others = [n for n in settings.sinks if n != "postgres"]
+        min_days = settings.privacy.min_retention_days
+        deleter = (
+            erasing_deleter(settings.sinks, origin, min_days)
+            if others or min_days
+            else delete_completion
         )
+        app = RequestMetrics(
+            create_app(Store(config, serve, dsn), keys, page_size=serve.page_size,
+                       deleter=deleter),
+            "serve",
+        )  # fmt: skip
         m = settings.metrics
         metrics = serve_thread(make_registry(app.source())[0], m.host, m.port)
         host, port = sock.getsockname()[:2]

@@ -16,10 +16,13 @@
     auditpipe schemas register [--config FILE]                     publish them to [registry] url
     auditpipe serve [--config FILE] [--host H] [--port P]          stored-completions API, viewer
     auditpipe export [--config FILE] [--format chat|records] ...   stored records as JSONL
+    auditpipe erase [--config FILE] (--user ID | ...) [--dry-run] [--yes]  erase a subject
+    auditpipe retention [--config FILE] [--apply]                 what ages out per sink
 
 Exit codes: 0 success, 1 the job failed (the message says what is missing), 2 bad usage or
 configuration (the message names the key), 3 `redact` rejected some lines (`ingest`: skipped
-malformed records), 130 interrupted.
+malformed records), 4 `erase`/`retention` kept some records (the receipt says why), 5 `erase`
+refused (not confirmed), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -658,6 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     register.add_argument("--config", help="settings file (TOML) with a [registry] table")
     register.set_defaults(func=cmd_schemas_register)
+
+    from .privacy.cli import add_commands as add_privacy_commands  # erase, retention
+
+    add_privacy_commands(sub, _settings, _origin)
     return parser
 
 

@@ -12,6 +12,7 @@ File layout (every table optional; unknown keys are rejected)::
     [ingest]     audit JSONL from files / stdin           -> IngestSettings
     [receiver]   the KServe inference-logger receiver     -> ReceiverSettings
     [serve]      `auditpipe serve`: API keys, host, port  -> ServeSettings
+    [privacy]    erasure and retention                    -> PrivacySettings
     [sinks.NAME] the settings of sink NAME (validated by that sink's own model)
     [pipeline]   processor steps and [pipeline.STEP] tables (validated by auditpipe.processors)
 
@@ -556,6 +557,17 @@ class ServeSettings(StrictModel):
         return value
 
 
+class PrivacySettings(StrictModel):
+    """``[privacy]``: erasure and retention (``auditpipe erase``, ``auditpipe retention``)."""
+
+    min_retention_days: float = Field(
+        0,
+        ge=0,
+        description="erase refuses to delete records younger than this unless "
+        "--override-retention --reason TEXT (183 for EU AI Act Art. 19 deployments)",
+    )
+
+
 class LoggingSettings(StrictModel):
     """``[logging]``: auditpipe's own log lines (see auditpipe/logs.py, docs/operations.md).
 
@@ -610,6 +622,7 @@ class Settings(StrictModel):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     sinks: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
+import fcntl
 import gzip
 import logging
 import os
@@ -36,9 +38,9 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import orjson
 from auditpipe.schemas import Event, to_json_line
@@ -47,6 +49,10 @@ from pydantic import Field
 from auditpipe.settings import StrictModel
 
 from .base import Batch, RetriableSinkError, Sink
+
+if TYPE_CHECKING:
+    from auditpipe.privacy.erasure import EraseResult
+    from auditpipe.privacy.selector import Selector
 
 log = logging.getLogger("auditpipe.sinks.file")
 
@@ -65,6 +71,12 @@ class FileConfig(StrictModel):
     fsync: Literal["batch", "rotate", "never"] = "batch"
     dedupe_window_events: int = Field(
         100_000, ge=0, description="recently written event ids skipped on redelivery (0: off)"
+    )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="records older than this are removed by `auditpipe retention --apply` "
+        "(rotated segments rewritten or deleted); None keeps them (backups still prunes)",
     )
 
 
@@ -181,9 +193,15 @@ class FileSink(Sink[FileConfig]):
             if self._fd is None:
                 self._open()
             with self._lock:
-                if self._due(len(data)):
-                    self._rotate()
-                self._append(data)
+                # a rotation waits for the previous housekeeping, which takes the erase lock:
+                # wait before taking it
+                if self._housekeeping_done is not None and self._due(len(data)):
+                    self._housekeeping_done.result()
+                with self.erase_lock():
+                    self._follow_swap()
+                    if self._due(len(data)):
+                        self._rotate()
+                    self._append(data)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             what = "disk full" if full else "write failed"
@@ -243,11 +261,12 @@ class FileSink(Sink[FileConfig]):
         each other; the writer only ever adds plain segments (by renaming the active file).
         """
         try:
-            if self.config.gzip:
-                for segment in self._segments():
-                    if not segment.name.endswith(".gz"):
-                        self._compress(segment)
-            self._prune()
+            with self.erase_lock():
+                if self.config.gzip:
+                    for segment in self._segments():
+                        if not segment.name.endswith(".gz"):
+                            self._compress(segment)
+                self._prune()
         except Exception as exc:  # never lose the thread's work silently
             log.warning("file sink: housekeeping of %s failed: %s", self.path, exc)
 
@@ -302,6 +321,117 @@ class FileSink(Sink[FileConfig]):
     def _fsync_dir(self) -> None:
         if self.config.fsync == "never":
             return
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- erasure (auditpipe.privacy.erasure.Erasable) -----------------------------------------
+    #
+    # A file that holds selected lines is rewritten without them: the kept lines byte for
+    # byte (gzip again for .gz segments) into ``NAME.erase-tmp``, fsynced, renamed over the
+    # original and the directory fsynced, so a crash leaves either the old or the new file,
+    # never a half. The whole pass holds a flock on the directory, which the writer and the
+    # housekeeping thread also take: no batch is appended to, and no segment gzipped from, a
+    # file being rewritten. The writer notices that the active file was swapped (another
+    # inode at ``path``) and reopens it.
+
+    @contextlib.contextmanager
+    def erase_lock(self) -> Iterator[None]:
+        # flock on the directory itself: no lock file beside the segments
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _follow_swap(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(self._fd)
+            self._fd = None
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._size = os.fstat(self._fd).st_size
+
+    def data_files(self) -> list[Path]:
+        """Every file holding records: rotated segments (oldest first), then the active one."""
+        if not self.path.parent.exists():
+            return []
+        files = self._segments()
+        if self.path.exists():
+            files.append(self.path)
+        return files
+
+    @staticmethod
+    def _read_lines(path: Path) -> list[bytes]:
+        data = path.read_bytes()
+        if path.name.endswith(".gz"):
+            data = gzip.decompress(data)
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        return lines
+
+    @staticmethod
+    def _selected(line: bytes, selector: Selector) -> bool:
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return False  # a torn line: no record to match, kept as it is
+        return isinstance(event, dict) and selector.matches(event)
+
+    async def count(self, selector: Selector) -> int:
+        def run() -> int:
+            with self.erase_lock():
+                return sum(
+                    self._selected(line, selector)
+                    for f in self.data_files()
+                    for line in self._read_lines(f)
+                )
+
+        return await asyncio.to_thread(run)
+
+    async def erase(self, selector: Selector) -> EraseResult:
+        return await asyncio.to_thread(self._erase_sync, selector)
+
+    def _erase_sync(self, selector: Selector) -> EraseResult:
+        from auditpipe.privacy.erasure import EraseResult
+
+        result = EraseResult()
+        with self.erase_lock():
+            for stale in self.path.parent.glob(f"{self.path.stem}*.erase-tmp"):
+                stale.unlink(missing_ok=True)  # left by an interrupted erasure
+            for f in self.data_files():
+                lines = self._read_lines(f)
+                kept = [line for line in lines if not self._selected(line, selector)]
+                if len(kept) == len(lines):
+                    continue
+                self._replace(f, b"".join(line + b"\n" for line in kept))
+                result.erased += len(lines) - len(kept)
+        return result
+
+    def _replace(self, target: Path, data: bytes) -> None:
+        tmp = target.with_name(target.name + ".erase-tmp")
+        with open(tmp, "wb") as raw:
+            if target.name.endswith(".gz"):
+                with gzip.GzipFile(
+                    filename=target.name.removesuffix(".gz"), mode="wb", fileobj=raw,
+                    compresslevel=self.config.gzip_level,
+                ) as gz:  # fmt: skip
+                    gz.write(data)
+            else:
+                raw.write(data)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, target.stat().st_mode & 0o777)
+        os.replace(tmp, target)
         fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -16,7 +16,7 @@ documents after ``retention_days`` when set), ``model``, ``request_id`` and
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from auditpipe.schemas import Event
 from pydantic import Field
@@ -24,6 +24,10 @@ from pydantic import Field
 from auditpipe.settings import StrictModel
 
 from .base import Batch, PermanentSinkError, RetriableSinkError, Sink
+
+if TYPE_CHECKING:
+    from auditpipe.privacy.erasure import EraseResult
+    from auditpipe.privacy.selector import Selector
 
 DUPLICATE_KEY = 11000
 # Rejections of the document itself; retrying the same document cannot succeed.
@@ -106,6 +110,21 @@ class MongoSink(Sink[MongoConfig]):
             models.append(IndexModel([(f"metadata.{key}", ASCENDING)], name=f"metadata.{key}"))
         return models
 
+    def _connect(self) -> None:
+        """The client and collection without the start-up index work (erasure uses it)."""
+        from pymongo import AsyncMongoClient
+        from pymongo.write_concern import WriteConcern
+
+        c = self.config
+        self._client = AsyncMongoClient(
+            c.uri,
+            serverSelectionTimeoutMS=int(c.server_selection_timeout_secs * 1000),
+            timeoutMS=int(c.operation_timeout_secs * 1000),
+            tz_aware=True,
+        )
+        wc = WriteConcern(w=c.write_concern_w, j=c.write_concern_journal)
+        self._collection = self._client[c.database].get_collection(c.collection, write_concern=wc)
+
     async def ensure_indexes(self) -> None:
         await self._collection.create_indexes(self.index_models())
 
@@ -139,3 +158,44 @@ class MongoSink(Sink[MongoConfig]):
             raise PermanentSinkError(f"mongodb sink: document too large: {exc}") from exc
         except PyMongoError as exc:
             raise RetriableSinkError(f"mongodb sink: {type(exc).__name__}: {exc}") from exc
+
+    # -- erasure (auditpipe.privacy.erasure.Erasable) -----------------------------------------
+    # No start() needed. One delete_many: the server deletes document by document, so an
+    # interrupted erasure leaves some selected documents, which a rerun deletes.
+
+    async def count(self, selector: Selector) -> int:
+        if self._collection is None:
+            self._connect()
+        return int(await self._collection.count_documents(selector_filter(selector)))
+
+    async def erase(self, selector: Selector) -> EraseResult:
+        from auditpipe.privacy.erasure import EraseResult
+
+        if self._collection is None:
+            self._connect()
+        result = await self._collection.delete_many(selector_filter(selector))
+        return EraseResult(erased=int(result.deleted_count))
+
+
+def selector_filter(selector: Selector) -> dict[str, Any]:
+    """``selector`` as a MongoDB filter on the stored documents (``ts_ms`` is kept as is)."""
+    kind = selector.kind
+    clauses: list[dict[str, Any]] = []
+    if kind in ("user", "tenant"):
+        clauses.append({"$or": [{kind: selector.value}, {f"metadata.{kind}": selector.value}]})
+    elif kind == "request_id":
+        clauses.append({"request_id": selector.value})
+    elif kind == "event_id":
+        clauses.append({"_id": selector.value})
+    elif kind == "metadata":
+        clauses.extend({f"metadata.{k}": v} for k, v in selector.pairs)
+    window: dict[str, int] = {}
+    if selector.since_ms is not None:
+        window["$gte"] = selector.since_ms
+    if selector.until_ms is not None:
+        window["$lt"] = selector.until_ms
+    if window:
+        clauses.append({"ts_ms": window})
+    if not clauses:
+        return {}
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}

@@ -50,7 +50,7 @@ import logging
 import re
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from auditpipe.schemas import Event
@@ -61,6 +61,10 @@ from auditpipe.errors import ConfigError
 from auditpipe.settings import StrictModel
 
 from .base import Batch, PermanentSinkError, RetriableSinkError, Sink
+
+if TYPE_CHECKING:
+    from auditpipe.privacy.erasure import EraseResult
+    from auditpipe.privacy.selector import Selector
 
 log = logging.getLogger("auditpipe.sinks.postgres")
 
@@ -695,3 +699,94 @@ class PostgresSink(Sink[PostgresConfig]):
             except Exception as exc:
                 log.warning("postgres sink: retention failed: %s", exc)
             await asyncio.sleep(self.config.retention_interval_secs)
+
+    # -- erasure (auditpipe.privacy.erasure.Erasable) -----------------------------------------
+    #
+    # count/erase connect on their own (no start() needed: start() would also begin the
+    # retention loop). A record is its row in ``requests``: deleting it removes the other
+    # three tables' rows by cascade; the API's change-log rows about it (caller metadata before
+    # and after an update) go too, its delete tombstones (no content) stay.
+
+    erase_chunk_rows: int = 5000
+
+    async def _erase_connection(self) -> Any:
+        import psycopg
+
+        dsn, kwargs = await self._conninfo()
+        kwargs = {**kwargs, "application_name": "auditpipe-erase"}
+        return await psycopg.AsyncConnection.connect(dsn, autocommit=True, **kwargs)
+
+    async def count(self, selector: Selector) -> int:
+        where, params = selector_sql(selector)
+        s = f'"{self.config.schema_name}"'
+        async with await self._erase_connection() as conn:
+            cur = await conn.execute(
+                f"SELECT count(*) FROM {s}.requests q LEFT JOIN {s}.metadata m ON m.id = q.id "
+                f"WHERE {where}",
+                params,
+            )
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def erase(self, selector: Selector) -> EraseResult:
+        """Delete the selected records in committed chunks of ``erase_chunk_rows``."""
+        from auditpipe.privacy.erasure import EraseResult
+
+        where, params = selector_sql(selector)
+        s = f'"{self.config.schema_name}"'
+        result = EraseResult()
+        params = {**params, "chunk": self.erase_chunk_rows}
+        async with await self._erase_connection() as conn:
+            while True:
+                async with conn.transaction():
+                    cur = await conn.execute(
+                        f"""DELETE FROM {s}.requests WHERE id IN (
+                                SELECT q.id FROM {s}.requests q
+                                LEFT JOIN {s}.metadata m ON m.id = q.id
+                                WHERE {where} LIMIT %(chunk)s)
+                            RETURNING id""",
+                        params,
+                    )
+                    ids = [row[0] for row in await cur.fetchall()]
+                    if ids:
+                        await conn.execute(
+                            f"DELETE FROM {s}.{API_CHANGES_TABLE} "
+                            "WHERE event_id = ANY(%s) AND action <> 'delete'",
+                            (ids,),
+                        )
+                result.erased += len(ids)
+                if len(ids) < self.erase_chunk_rows:
+                    return result
+
+    async def stop_erasure(self) -> None:
+        await asyncio.to_thread(self._release_dsn)
+
+
+def selector_sql(selector: Selector) -> tuple[str, dict[str, Any]]:
+    """``selector`` as a condition on ``requests q LEFT JOIN metadata m`` and its parameters
+    (the same records :meth:`Selector.matches` selects)."""
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    kind = selector.kind
+    if kind in ("user", "tenant"):
+        where.append(
+            f"((m.metadata->>'{kind}') = %(value)s OR (m.metadata->'metadata'->>'{kind}') = "
+            "%(value)s)"
+        )
+        params["value"] = selector.value
+    elif kind == "request_id":
+        where.append("q.request_id = %(value)s")
+        params["value"] = selector.value
+    elif kind == "event_id":
+        where.append("q.id = %(value)s")
+        params["value"] = selector.value
+    elif kind == "metadata":
+        where.append("(m.metadata->'metadata') @> %(pairs)s::jsonb")
+        params["pairs"] = orjson.dumps(selector.metadata).decode()
+    if selector.since_ms is not None:
+        where.append('q."timestamp" >= to_timestamp(%(since_ms)s / 1000.0)')
+        params["since_ms"] = selector.since_ms
+    if selector.until_ms is not None:
+        where.append('q."timestamp" < to_timestamp(%(until_ms)s / 1000.0)')
+        params["until_ms"] = selector.until_ms
+    return " AND ".join(where) or "TRUE", params

@@ -23,11 +23,14 @@ reachable, so bad credentials or a wrong bucket fail fast. An event that cannot 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import gzip
 import io
+import re
+import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import fastavro
 import orjson
@@ -38,6 +41,10 @@ from auditpipe.errors import ConfigError
 from auditpipe.settings import StrictModel
 
 from .base import Batch, PermanentSinkError, RetriableSinkError, Sink, batch_source
+
+if TYPE_CHECKING:
+    from auditpipe.privacy.erasure import EraseResult
+    from auditpipe.privacy.selector import Selector
 
 
 class S3Config(StrictModel):
@@ -61,6 +68,12 @@ class S3Config(StrictModel):
     sse_kms_key_id: str | None = None
     object_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
     object_lock_retention_days: int | None = Field(None, ge=1)
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="records older than this are removed by `auditpipe retention --apply` "
+        "(prefer a bucket lifecycle rule on PREFIX/ with the same age; see docs/privacy.md)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> S3Config:
@@ -236,3 +249,173 @@ class S3Sink(Sink[S3Config]):
                 raise RetriableSinkError(
                     f"s3 sink: upload of s3://{c.bucket}/{key} failed: {type(exc).__name__}: {exc}"
                 ) from exc
+
+    # -- erasure (auditpipe.privacy.erasure.Erasable) -----------------------------------------
+    #
+    # Only objects that hold selected records are rewritten, under their own key (so the
+    # exactly-once names stay valid: a redelivered batch still overwrites the same object), with
+    # a conditional put (If-Match on the ETag read): an object changed meanwhile is read again.
+    # An object whose every record is selected is deleted. In a versioned bucket the version
+    # read is then deleted too (a rewrite alone would leave the records in the old version).
+    # Objects under Object Lock (a retention date ahead, or a legal hold) cannot be changed:
+    # they are skipped and reported; crypto-shredding is the answer for those.
+
+    def _ensure_client(self) -> Any:
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    def _keys(self, selector: Selector) -> list[str]:
+        client = self._ensure_client()
+        prefix = self.config.prefix.strip("/")
+        prefix = f"{prefix}/" if prefix else ""
+        keys = []
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.config.bucket, Prefix=prefix
+        ):
+            for obj in page.get("Contents", []):
+                if _hour_may_match(obj["Key"], selector):
+                    keys.append(obj["Key"])
+        return keys
+
+    def _decode(self, key: str, body: bytes) -> tuple[list[Any], list[dict[str, Any]]]:
+        """(units kept as read, the event of each): lines of jsonl.gz, Avro records, one JSON."""
+        if key.endswith(".jsonl.gz"):
+            lines = gzip.decompress(body).split(b"\n")
+            if lines and lines[-1] == b"":
+                lines.pop()
+            return lines, [_loads_or_empty(line) for line in lines]
+        if key.endswith(".avro"):
+            reader = fastavro.reader(io.BytesIO(body))
+            records: list[Any] = list(reader)
+            return records, records
+        if key.endswith(".json"):
+            return [body], [_loads_or_empty(body)]
+        return [], []
+
+    def _encode(self, key: str, original: bytes, kept: list[Any]) -> bytes:
+        if key.endswith(".jsonl.gz"):
+            data = b"".join(line + b"\n" for line in kept)
+            return gzip.compress(data, compresslevel=self.config.gzip_level, mtime=0)
+        reader = fastavro.reader(io.BytesIO(original))
+        codec = reader.metadata.get("avro.codec", "null")
+        buf = io.BytesIO()
+        fastavro.writer(buf, reader.writer_schema, kept, codec=codec)
+        return buf.getvalue()
+
+    def _scan(self, key: str, selector: Selector) -> int:
+        client = self._ensure_client()
+        body = client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read()
+        return sum(selector.matches(e) for e in self._decode(key, body)[1])
+
+    def _erase_object(self, key: str, selector: Selector) -> tuple[int, str | None, int]:
+        """(records erased, reason they were kept, records kept for it) for one object."""
+        from botocore.exceptions import ClientError
+
+        client = self._ensure_client()
+        bucket = self.config.bucket
+        for _ in range(5):
+            got = client.get_object(Bucket=bucket, Key=key)
+            body = got["Body"].read()
+            units, events = self._decode(key, body)
+            hits = [selector.matches(e) for e in events]
+            n = sum(hits)
+            if not n:
+                return 0, None, 0
+            locked = _lock_reason(got)
+            if locked:
+                return 0, locked, n
+            kept = [u for u, hit in zip(units, hits, strict=True) if not hit]
+            version = got.get("VersionId")
+            try:
+                if kept:
+                    args = self._put_args(key, self._encode(key, body, kept), got)
+                    args["IfMatch"] = got["ETag"]
+                    client.put_object(**args)
+                else:
+                    client.delete_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    continue  # rewritten meanwhile (a redelivered batch): read it again
+                raise
+            if version and version != "null":
+                client.delete_object(Bucket=bucket, Key=key, VersionId=version)
+            return n, None, 0
+        raise RetriableSinkError(f"s3 sink: s3://{bucket}/{key} kept changing during erasure")
+
+    def _put_args(self, key: str, body: bytes, got: dict[str, Any]) -> dict[str, Any]:
+        c = self.config
+        args: dict[str, Any] = {
+            "Bucket": c.bucket, "Key": key, "Body": body,
+            "ContentType": got.get("ContentType") or "application/octet-stream",
+        }  # fmt: skip
+        if c.sse:
+            args["ServerSideEncryption"] = c.sse
+            if c.sse_kms_key_id:
+                args["SSEKMSKeyId"] = c.sse_kms_key_id
+        if c.object_lock_mode and c.object_lock_retention_days:
+            until = dt.datetime.now(dt.UTC) + dt.timedelta(days=c.object_lock_retention_days)
+            args["ObjectLockMode"] = c.object_lock_mode
+            args["ObjectLockRetainUntilDate"] = until
+        return args
+
+    def _parallel(self, fn: Any, keys: list[str], selector: Selector) -> list[Any]:
+        with concurrent.futures.ThreadPoolExecutor(self.config.concurrency) as pool:
+            return list(pool.map(lambda k: fn(k, selector), keys))
+
+    async def count(self, selector: Selector) -> int:
+        def run() -> int:
+            return sum(self._parallel(self._scan, self._keys(selector), selector))
+
+        return await asyncio.to_thread(run)
+
+    async def erase(self, selector: Selector) -> EraseResult:
+        from auditpipe.privacy.erasure import EraseResult
+
+        def run() -> EraseResult:
+            result = EraseResult()
+            for erased, reason, kept in self._parallel(
+                self._erase_object, self._keys(selector), selector
+            ):
+                result.erased += erased
+                if reason:
+                    result.skip(reason, kept)
+            return result
+
+        return await asyncio.to_thread(run)
+
+
+_HOUR_KEY = re.compile(r"dt=(\d{4})-(\d{2})-(\d{2})/hour=(\d{2})/")
+
+
+def _hour_may_match(key: str, selector: Selector) -> bool:
+    """False when the key's event-time hour lies wholly outside the selector's window."""
+    if selector.since_ms is None and selector.until_ms is None:
+        return True
+    found = _HOUR_KEY.search(key)
+    if not found:
+        return True
+    y, mo, d, h = map(int, found.groups())
+    start = int(dt.datetime(y, mo, d, h, tzinfo=dt.UTC).timestamp() * 1000)
+    if selector.until_ms is not None and start >= selector.until_ms:
+        return False
+    return not (selector.since_ms is not None and start + HOUR_MS <= selector.since_ms)
+
+
+def _loads_or_empty(data: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _lock_reason(got: dict[str, Any]) -> str | None:
+    if got.get("ObjectLockLegalHoldStatus") == "ON":
+        return "S3 Object Lock legal hold (use encrypt_content: crypto-shredding)"
+    until = got.get("ObjectLockRetainUntilDate")
+    if until is not None and until.timestamp() > time.time():
+        mode = got.get("ObjectLockMode", "")
+        return f"S3 Object Lock {mode} retention (use encrypt_content: crypto-shredding)"
+    return None

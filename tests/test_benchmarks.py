@@ -150,3 +150,20 @@ class TestMetricsBench:
         out = json.loads(result.stdout)
         assert set(out["request_ns"]) == {"bare_app", "with_request_metrics"}
         assert out["scrape_us"] > 0 and "wrapped_over_bare" in out["ratios"]
+
+
+class TestEraseBench:
+    def test_prints_erase_times_with_same_run_baselines_as_json(self) -> None:
+        """One user among a few PostgreSQL rows and S3 objects, erased, with the baselines."""
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "erase_bench.py"),
+             "--pg-rows", "3000", "--s3-objects", "20"],
+            capture_output=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        pg, s3 = out["postgres"], out["s3"]
+        assert pg["matched"] == pg["erased"] == 3 and pg["left_after"] == 0
+        assert pg["second_erase_erased"] == 0 and pg["baseline_count_same_selector_secs"] > 0
+        assert s3["matched"] == s3["erased"] == 1 and s3["second_erase_erased"] == 0
+        assert s3["baseline_list_and_read_all_secs"] > 0 and s3["erase_over_read_all_ratio"] > 0
