@@ -82,6 +82,7 @@ class _Rejected:
 _DROPPED = object()
 Outcome = Event | _Rejected | object
 
+
 @dataclass
 class RunnerStats:
     received: int = 0
