@@ -57,7 +57,7 @@ def _type_name(annotation: Any) -> str:
 def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
         try:
-            value = field.default_factory()  # type: ignore[call-arg]
+            value = field.get_default(call_default_factory=True, validated_data={})
         except TypeError:
             return "(computed)"
     elif field.default is PydanticUndefined:

@@ -98,7 +98,7 @@ class Sender(Spooling):
             if not self._accepting and stop_deadline is None:
                 stop_deadline = time.monotonic() + cfg.stop_timeout_secs
             stopping = stop_deadline is not None
-            if stopping and (time.monotonic() > stop_deadline or self._drained()):  # type: ignore[operator]
+            if stop_deadline is not None and (time.monotonic() > stop_deadline or self._drained()):
                 break
             if producer is not None and self._stalled():
                 log.warning("Kafka stopped acknowledging; spooling until it is back")
