@@ -25,6 +25,7 @@ import orjson
 from auditpipe.errors import AuditpipeError, ConfigError
 from auditpipe.settings import Settings
 
+from . import shredding
 from .erasure import (
     DAY_MS,
     Receipt,
@@ -33,6 +34,7 @@ from .erasure import (
     erasure_event,
     hash_key,
     operator_name,
+    retention_reason,
 )
 from .selector import Kind, Selector
 
@@ -126,12 +128,33 @@ def cmd_erase(args: argparse.Namespace, settings: Settings, origin: str) -> int:
     selector = selector_from_args(args)
     if args.override_retention and not args.reason:
         raise ConfigError("--override-retention needs --reason TEXT (it goes on the receipt)")
-    min_days = settings.privacy.min_retention_days
     stores = erasable_stores(settings.sinks, origin, args.sink or ())
     if not stores:
         raise ConfigError(f"{origin}: no configured sink holds records ([sinks.NAME] tables)")
     key = None if args.dry_run else hash_key()  # fail before erasing, not after
-    common = {"min_retention_days": min_days, "override_retention": args.override_retention}
+    # the subject's data keys (crypto-shredding); a bad key store fails here, before erasing
+    shred = shredding.plan(settings, selector, restricted=bool(args.sink), dry_run=args.dry_run)
+    try:
+        return _erase(args, settings, origin, selector, stores, key, shred)
+    finally:
+        if shred is not None:
+            shred.close()
+
+
+def _erase(
+    args: argparse.Namespace,
+    settings: Settings,
+    origin: str,
+    selector: Selector,
+    stores: dict[str, Any],
+    key: bytes | None,
+    shred: shredding.KeyShredding | None,
+) -> int:
+    min_days = settings.privacy.min_retention_days
+    common: dict[str, Any] = {
+        "min_retention_days": min_days, "override_retention": args.override_retention,
+        "shredding_key_ids": shred.shredding_key_ids if shred else frozenset(),
+    }  # fmt: skip
     if not args.dry_run and not args.yes:
         if not sys.stdin.isatty():
             print(
@@ -146,6 +169,12 @@ def cmd_erase(args: argparse.Namespace, settings: Settings, origin: str) -> int:
             return EXIT_REFUSED
         stores = erasable_stores(settings.sinks, origin, args.sink or ())
     receipts = asyncio.run(_run(stores, selector, dry_run=args.dry_run, **common))
+    if shred is not None:
+        shred.finish(
+            receipts,
+            protect=min_days > 0 and not args.override_retention,
+            retention_reason=retention_reason(min_days),
+        )
     out: dict[str, Any] = {
         "dry_run": args.dry_run,
         "selector": selector.kind,
@@ -153,6 +182,8 @@ def cmd_erase(args: argparse.Namespace, settings: Settings, origin: str) -> int:
         "override_retention": args.override_retention,
         "receipts": [r.as_dict() for r in receipts],
     }
+    if shred is not None:
+        out["keys"] = shred.as_dict()
     code = EXIT_OK
     if any(r.error for r in receipts):
         code = EXIT_FAILED
@@ -163,6 +194,7 @@ def cmd_erase(args: argparse.Namespace, settings: Settings, origin: str) -> int:
         event = erasure_event(
             selector, receipts, key=key, operator=operator_name(args.operator),
             reason=args.reason, override_retention=args.override_retention,
+            keys_deleted=shred.deleted if shred is not None else None,
         )  # fmt: skip
         out["event_id"] = event["event_id"]
         try:
@@ -182,6 +214,8 @@ def cmd_erase(args: argparse.Namespace, settings: Settings, origin: str) -> int:
         print(f"auditpipe erase: {head}: {selector.kind}")
         for r in receipts:
             print(f"  {r.line()}")
+        if shred is not None:
+            print(f"  {shred.line()}")
         if args.override_retention:
             print(f"  min_retention_days ({min_days:g}) overridden: {args.reason}")
         if "event_sent" in out:
