@@ -29,7 +29,7 @@ import gzip
 import io
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import fastavro
@@ -129,10 +129,10 @@ class S3Sink(Sink[S3Config]):
         super().__init__(config)
         self._client: Any = None
         self._sem: asyncio.Semaphore | None = None
-        #: Set by the erasure (auditpipe.privacy.erasure.erase_everywhere): the data keys it
-        #: deletes. A selected record under Object Lock whose content is sealed under one of
-        #: them is counted as shredded, not skipped.
-        self.shredding_key_ids: frozenset[str] = frozenset()
+        #: Set by the erasure (auditpipe.privacy.erasure.erase_everywhere): whether a data key
+        #: is gone or being deleted. A selected record under Object Lock whose content is
+        #: sealed under such keys only is counted as shredded, not skipped.
+        self.shredded_key: Callable[[str], bool] | None = None
 
     async def start(self) -> None:
         if self.config.format == "avro":
@@ -363,12 +363,13 @@ class S3Sink(Sink[S3Config]):
         """Whether the erasure's key deletion makes ``event``'s content unreadable: every
         non-null input/output is sealed under a key being deleted (checked per record, so
         objects written before encrypt_content was turned on are not counted)."""
-        if not self.shredding_key_ids:
+        gone = self.shredded_key
+        if gone is None:
             return False
         from auditpipe.privacy.envelope import envelope_key_ids
 
         ids = envelope_key_ids(event)
-        return bool(ids) and ids <= self.shredding_key_ids
+        return bool(ids) and all(gone(i) for i in sorted(ids))
 
     def _put_args(self, key: str, body: bytes, got: dict[str, Any]) -> dict[str, Any]:
         c = self.config

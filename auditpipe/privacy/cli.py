@@ -153,7 +153,7 @@ def _erase(
     min_days = settings.privacy.min_retention_days
     common: dict[str, Any] = {
         "min_retention_days": min_days, "override_retention": args.override_retention,
-        "shredding_key_ids": shred.shredding_key_ids if shred else frozenset(),
+        "shredded_key": shred.shredded_key if shred else None,
     }  # fmt: skip
     if not args.dry_run and not args.yes:
         if not sys.stdin.isatty():

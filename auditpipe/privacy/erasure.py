@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -110,19 +110,19 @@ async def erase_everywhere(
     min_retention_days: float = 0,
     override_retention: bool = False,
     now_ms: int | None = None,
-    shredding_key_ids: frozenset[str] = frozenset(),
+    shredded_key: Callable[[str], bool] | None = None,
 ) -> list[Receipt]:
     """Erase (or with ``dry_run`` only count) ``selector``'s records in every store, in parallel.
 
     Records younger than ``min_retention_days`` are kept (counted as skipped with the reason)
     unless ``override_retention``. A store that raises gets a receipt with ``error`` set; the
-    others go on. ``shredding_key_ids``: the data keys the caller deletes after this (see
-    :mod:`auditpipe.privacy.shredding`); a store that cannot remove a record sealed under one
-    of them (S3 Object Lock) counts it as shredded instead of skipped.
+    others go on. ``shredded_key(key_id)``: whether a data key is gone or deleted by the
+    caller after this (see :mod:`auditpipe.privacy.shredding`); a store that cannot remove a
+    record sealed under such keys only (S3 Object Lock) counts it as shredded, not skipped.
     """
     for store in stores.values():
-        if hasattr(store, "shredding_key_ids"):
-            store.shredding_key_ids = shredding_key_ids
+        if hasattr(store, "shredded_key"):
+            store.shredded_key = shredded_key
     now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     protect = min_retention_days > 0 and not override_retention
     allowed = selector.narrowed(now_ms - int(min_retention_days * DAY_MS)) if protect else selector

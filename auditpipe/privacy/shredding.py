@@ -14,11 +14,13 @@ asked for or may be destroyed:
 - records were kept because they are younger than ``[privacy] min_retention_days`` (or a
   store failed while that protection is on, so it is unknown whether some are).
 
-When the keys are kept, records that a store counted as shredded are reported as skipped.
+When the keys are kept, records that a store counted as shredded are reported as skipped
+(including any whose keys an earlier erasure deleted: the receipt errs towards "kept").
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,9 +51,20 @@ class KeyShredding:
     deleted: int = 0
     dry_run: bool = False
 
-    @property
-    def shredding_key_ids(self) -> frozenset[str]:
-        return frozenset() if self.blocked else frozenset(self.key_ids)
+    def __post_init__(self) -> None:
+        self._gone: dict[str, bool] = {}
+        self._lock = threading.Lock()
+
+    def shredded_key(self, key_id: str) -> bool:
+        """Whether ``key_id`` is deleted by this erasure or already gone (thread-safe: the
+        stores ask from their worker threads)."""
+        if not self.blocked and key_id in self.key_ids:
+            return True
+        with self._lock:
+            gone = self._gone.get(key_id)
+            if gone is None:
+                gone = self._gone[key_id] = self.store.get(key_id) is None
+        return gone
 
     def finish(self, receipts: list[Receipt], *, protect: bool, retention_reason: str) -> None:
         """Delete the keys (not with ``dry_run``) unless the receipts say they must stay; then
