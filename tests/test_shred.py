@@ -178,7 +178,7 @@ class TestConfig:
     def test_bad_privacy_keys_name_the_key(self, tmp_path: Path) -> None:
         cfg = tmp_path / "c.toml"
         cfg.write_text('[privacy]\nkey_store = "vault"\n')
-        with pytest.raises(ConfigError, match="privacy.key_store"):
+        with pytest.raises(ConfigError, match=r"privacy\.key_store"):
             load_settings(cfg)
         settings = Settings.model_validate(
             {"privacy": {"key_store_path": str(tmp_path / "k"), "master_key_env": MASTER_ENV}}
@@ -203,7 +203,7 @@ class TestRunnerSeals:
                         "master_key_env": MASTER_ENV,
                     }
                 )
-            }  # fmt: skip
+            }
         )
         events = population(12)
         sink = FileSink.from_mapping(
