@@ -369,7 +369,7 @@ class S3Sink(Sink[S3Config]):
         from auditpipe.privacy.envelope import envelope_key_ids
 
         ids = envelope_key_ids(event)
-        return bool(ids) and all(gone(i) for i in sorted(ids))
+        return bool(ids) and all(gone(i) for i in sorted(ids or ()))
 
     def _put_args(self, key: str, body: bytes, got: dict[str, Any]) -> dict[str, Any]:
         c = self.config

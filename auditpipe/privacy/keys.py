@@ -338,7 +338,7 @@ class PostgresKeyStore(_SqlKeyStore):
         self._release = release
         try:
             self._conn = psycopg.connect(dsn, autocommit=True, options=f"-c search_path={schema}")
-            self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')  # type: ignore[arg-type]
+            self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
             self._conn.execute(
                 "CREATE TABLE IF NOT EXISTS auditpipe_keys (key_id TEXT PRIMARY KEY, "
                 "tenant TEXT NOT NULL, user_id TEXT NOT NULL, data_key BYTEA NOT NULL, "
@@ -360,7 +360,7 @@ class PostgresKeyStore(_SqlKeyStore):
 
         with self._lock:
             try:
-                cur = self._conn.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+                cur = self._conn.execute(sql.replace("?", "%s"), params)
                 return list(cur.fetchall()) if cur.description else []
             except psycopg.Error as exc:
                 raise KeyStoreError(f"{self.where}: {exc}") from exc
@@ -378,6 +378,13 @@ def open_key_store(settings: Settings, env: Mapping[str, str] | None = None) -> 
     """The key store ``[privacy]`` configures (``key_store``, ``key_store_path`` /
     ``key_store_dsn``, ``master_key_env``), opened and its master key checked."""
     p = settings.privacy
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "encrypt_content / the key store need the cryptography package: "
+            "pip install 'auditpipe[privacy]'"
+        ) from None
     master = parse_master_key(p.master_key_env, env) if p.master_key_env else None
     if p.key_store == "sqlite":
         return SQLiteKeyStore(p.key_store_path, master, p.master_key_env)
