@@ -308,6 +308,13 @@ class TestShredding:
 
         code, again = _erase(capsys, cfg, "--user", "alice")  # idempotent
         assert code == 0 and again["keys"]["deleted"] == 0
+        assert {r["sink"]: r["shredded"] for r in again["receipts"]} == {"file": 0, "s3": n}
+
+        # `auditpipe decrypt` reads the file sink's segments (gzip too) back
+        assert main(["decrypt", "--config", str(cfg), *map(str, f.files())]) == 0
+        lines = [orjson.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert len(lines) == len(events) - n
+        assert all(e == originals[e["event_id"]] for e in lines)
 
     def test_dry_run_and_non_subject_selectors_keep_the_keys(
         self, tmp_path: Path, moto_s3: MotoS3, kafka_bootstrap: str, capsys: Any

@@ -1,9 +1,10 @@
-"""``auditpipe erase`` and ``auditpipe retention``.
+"""``auditpipe erase``, ``auditpipe retention`` and ``auditpipe decrypt``.
 
     auditpipe erase [--config FILE] (--user ID | --tenant ID | --request-id ID | --event-id ID
                     | --metadata K=V ...) [--since T] [--until T] [--sink NAME ...] [--dry-run]
                     [--yes] [--reason TEXT] [--operator NAME] [--override-retention] [--json]
     auditpipe retention [--config FILE] [--sink NAME ...] [--apply] [--json]
+    auditpipe decrypt [--config FILE] [PATH ...]      (JSONL, .gz too; - or none: stdin)
 
 Exit codes (erase): 0 every selected record erased (or, with --dry-run, counted); 1 a store
 failed or the erasure event could not be sent (the receipt says which); 2 bad usage or
@@ -291,8 +292,49 @@ def cmd_retention(args: argparse.Namespace, settings: Settings, origin: str) -> 
     return code
 
 
+def cmd_decrypt(args: argparse.Namespace, settings: Settings) -> int:
+    """JSON lines (files, .gz included, or stdin) out with sealed input/output restored, or
+    "[erased]" where the subject's key is gone. Lines that are not JSON objects pass as they
+    are."""
+    import gzip
+
+    from .envelope import decrypt_event
+    from .keys import open_key_store
+
+    store = open_key_store(settings)
+    cache: dict[str, bytes | None] = {}
+
+    def lookup(key_id: str) -> bytes | None:
+        if key_id not in cache:
+            cache[key_id] = store.get(key_id)
+        return cache[key_id]
+
+    out = sys.stdout.buffer
+    try:
+        for path in args.paths or ["-"]:
+            if path == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+                if path.endswith(".gz"):
+                    data = gzip.decompress(data)
+            for line in data.splitlines():
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    event = None
+                if isinstance(event, dict) and "event_id" in event:
+                    line = orjson.dumps(decrypt_event(event, lookup))
+                out.write(line + b"\n")
+    finally:
+        store.close()
+    out.flush()
+    return EXIT_OK
+
+
 def add_commands(sub: Any, settings_of: Any, origin_of: Any) -> None:
-    """Add ``erase`` and ``retention`` to the ``auditpipe`` parser's subcommands."""
+    """Add ``erase``, ``retention`` and ``decrypt`` to the ``auditpipe`` parser's subcommands."""
     erase = sub.add_parser(
         "erase",
         help="erase one subject's records from every configured store, with a receipt",
@@ -343,3 +385,15 @@ def add_commands(sub: Any, settings_of: Any, origin_of: Any) -> None:
     retention.add_argument("--apply", action="store_true", help="erase what aged out")
     retention.add_argument("--json", action="store_true", help="print the report as JSON")
     retention.set_defaults(func=lambda a: cmd_retention(a, settings_of(a), origin_of(a)))
+
+    decrypt = sub.add_parser(
+        "decrypt",
+        help="print records of the file or s3 sink (JSONL, .gz too) with sealed content decrypted",
+        description="Reads JSON lines written by a sink with encrypt_content (file segments, "
+        "gunzipped S3 objects, or stdin) and prints them with input/output decrypted from the "
+        '[privacy] key store, or "[erased]" where the subject\'s key was deleted. See '
+        "docs/privacy.md.",
+    )
+    decrypt.add_argument("--config", help="settings file (TOML): [privacy] key store")
+    decrypt.add_argument("paths", nargs="*", metavar="PATH", help="JSONL or .jsonl.gz (- stdin)")
+    decrypt.set_defaults(func=lambda a: cmd_decrypt(a, settings_of(a)))
