@@ -132,6 +132,22 @@ class TestKeyStores:
             ).fetchone()
         assert n is not None and n[0] == 2
 
+    def test_postgres_key_store_defaults_to_the_postgres_sinks_dsn(self, pg_dsn: str) -> None:
+        schema = f"k_{uuid.uuid4().hex[:8]}"
+        settings = Settings.model_validate({
+            "privacy": {"key_store": "postgres", "key_store_schema": schema},
+            "sinks": {"postgres": {"dsn": pg_dsn}},
+        })  # fmt: skip
+        store = open_key_store(settings)
+        try:
+            assert isinstance(store, PostgresKeyStore)
+            kid, _ = store.get_or_create(("t", "u"))
+        finally:
+            store.close()
+        with psycopg.connect(pg_dsn) as conn:
+            row = conn.execute(f'SELECT key_id FROM "{schema}".auditpipe_keys').fetchone()  # type: ignore[arg-type]
+        assert row == (kid,)
+
 
 class TestEnvelope:
     def test_seals_only_input_and_output_and_restores_them(self, tmp_path: Path) -> None:
@@ -224,6 +240,23 @@ class TestRunnerSeals:
                 )
         finally:
             store.close()
+
+    def test_a_runner_with_a_wrong_master_key_refuses_to_start(
+        self, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from auditpipe.sinks.runner import SinkRunner
+
+        privacy = {"key_store_path": str(tmp_path / "keys.sqlite"), "master_key_env": MASTER_ENV}
+        s = settings.model_copy(update={"privacy": settings.privacy.model_copy(update=privacy)})
+        monkeypatch.setenv(MASTER_ENV, MASTER)
+        open_key_store(s).close()  # the store now belongs to MASTER
+        monkeypatch.setenv(MASTER_ENV, "44" * 32)
+        sink = FileSink.from_mapping(
+            {"path": str(tmp_path / "out" / "a.jsonl"), "encrypt_content": True}
+        )
+        with pytest.raises(MasterKeyError, match="wrong master key"):
+            asyncio.run(SinkRunner(sink, s).run())
+        assert not (tmp_path / "out" / "a.jsonl").exists()  # nothing written in clear
 
 
 def _config(tmp_path: Path, harnesses: list[Any], kafka: str, extra: str = "") -> Path:
