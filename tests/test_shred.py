@@ -36,6 +36,7 @@ from auditpipe.privacy.envelope import (
 )
 from auditpipe.privacy.keys import (
     ANONYMOUS,
+    KeyStoreError,
     MasterKeyError,
     PostgresKeyStore,
     SQLiteKeyStore,
@@ -240,6 +241,46 @@ class TestRunnerSeals:
                 )
         finally:
             store.close()
+
+    def test_a_key_store_that_fails_makes_the_write_retried_never_written_in_clear(
+        self, settings: Settings, tmp_path: Path
+    ) -> None:
+        from auditpipe.sinks.runner import SinkRunner
+
+        from .sinkutil import fast, produce_events, run_until
+
+        class Failing:
+            """The real SQLite store, unavailable for its first three calls."""
+
+            def __init__(self, real: SQLiteKeyStore) -> None:
+                self.real, self.failures = real, 3
+
+            def get_or_create(self, subject: Any) -> tuple[str, bytes]:
+                if self.failures:
+                    self.failures -= 1
+                    raise KeyStoreError("key store unavailable (test)")
+                return self.real.get_or_create(subject)
+
+            def close(self) -> None:
+                self.real.close()
+
+        store = Failing(SQLiteKeyStore(tmp_path / "keys.sqlite"))
+        s = fast(settings, backoff_initial_secs=0.05, backoff_max_secs=0.1)
+        events = population(6)
+        sink = FileSink.from_mapping(
+            {"path": str(tmp_path / "out" / "a.jsonl"), "encrypt_content": True}
+        )
+        runner = SinkRunner(sink, s)
+        runner.cipher = ContentCipher(store)  # type: ignore[arg-type]
+
+        async def scenario() -> None:
+            await produce_events(s, events)
+            await run_until(runner, lambda: runner.stats.written >= 6, what="6 written")
+
+        asyncio.run(scenario())
+        assert runner.stats.retried >= 3 and store.failures == 0
+        lines = (tmp_path / "out" / "a.jsonl").read_bytes().splitlines()
+        assert len(lines) == 6 and all(is_envelope(orjson.loads(x)["input"]) for x in lines)
 
     def test_a_runner_with_a_wrong_master_key_refuses_to_start(
         self, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
