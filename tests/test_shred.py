@@ -390,6 +390,24 @@ class TestShredding:
         assert len(lines) == len(events) - n
         assert all(e == originals[e["event_id"]] for e in lines)
 
+    def test_erasing_a_tenant_shreds_its_users_records_and_no_other_tenants(
+        self, tmp_path: Path, moto_s3: MotoS3, kafka_bootstrap: str, capsys: Any
+    ) -> None:
+        events, _f, s3, cfg, settings = self._load(tmp_path, moto_s3, kafka_bootstrap)
+        code, out = _erase(capsys, cfg, "--tenant", "acme")
+        n = sum(Selector("tenant", "acme").matches(e) for e in events)
+        assert code == 0 and out["keys"]["deleted"] == 3  # acme's alice, bob and carol
+        assert next(r for r in out["receipts"] if r["sink"] == "s3")["shredded"] == n
+        store = open_key_store(settings)
+        try:
+            tenants = {e["event_id"]: subject_of(e)[0] for e in events}
+            for eid, line in s3.snapshot().items():
+                back = decrypt_event(orjson.loads(line), store)
+                assert (back["input"] == ERASED) == (tenants[eid] == "acme")
+            assert store.key_ids(user="alice")  # alice's globex key stays
+        finally:
+            store.close()
+
     def test_dry_run_and_non_subject_selectors_keep_the_keys(
         self, tmp_path: Path, moto_s3: MotoS3, kafka_bootstrap: str, capsys: Any
     ) -> None:
@@ -407,9 +425,12 @@ class TestShredding:
         assert s3r["shredded"] == 0 and sum(s3r["skipped"].values()) == 1
         code, out = _erase(capsys, cfg, "--user", "bob", "--sink", "s3")
         assert code == 4 and "--sink restricts" in out["keys"]["kept"]
+        code, out = _erase(capsys, cfg, "--user", "carol", "--since", "2026-11-20T09:00Z")
+        assert code == 4 and "--since/--until" in out["keys"]["kept"]
         store = open_key_store(settings)
         try:
             assert store.key_ids(user="bob") and store.key_ids(user="alice")
+            assert store.key_ids(user="carol")
         finally:
             store.close()
 
