@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
@@ -70,9 +70,11 @@ def _aead(key: bytes) -> Any:
     return AESGCM(key)
 
 
-def seal(value: Any, key_id: str, key: bytes, event_id: str) -> dict[str, str]:
+def seal(value: Any, key_id: str, key: bytes | Any, event_id: str) -> dict[str, str]:
+    """The envelope of ``value``; ``key`` is the data key or an ``AESGCM`` made from it."""
+    aead = _aead(key) if isinstance(key, bytes) else key
     nonce = secrets.token_bytes(12)
-    ciphertext = _aead(key).encrypt(nonce, orjson.dumps(value), event_id.encode())
+    ciphertext = aead.encrypt(nonce, orjson.dumps(value), event_id.encode())
     return {
         "encrypted": ALGORITHM,
         "key_id": key_id,
@@ -95,8 +97,10 @@ def open_envelope(envelope: Mapping[str, Any], key: bytes, event_id: str) -> Any
         ) from None
 
 
-def encrypt_event(event: Mapping[str, Any], key_id: str, key: bytes) -> dict[str, Any]:
-    """A copy of ``event`` with ``input``/``output`` sealed under ``key`` (null stays null)."""
+def encrypt_event(event: Mapping[str, Any], key_id: str, key: bytes | Any) -> dict[str, Any]:
+    """A copy of ``event`` with ``input``/``output`` sealed under ``key`` (null stays null;
+    ``key`` as for :func:`seal`)."""
+    key = _aead(key) if isinstance(key, bytes) else key
     out = dict(event)
     for name in CONTENT_FIELDS:
         if out.get(name) is not None:
@@ -124,12 +128,14 @@ def decrypt_event(
 ) -> dict[str, Any]:
     """A copy of ``event`` with sealed ``input``/``output`` restored, or :data:`ERASED` where
     the key is gone. Content that is not an envelope is returned as it is. ``keystore`` is a
-    :class:`KeyStore` or any ``key_id -> key | None`` lookup (e.g. a caching one).
+    :class:`KeyStore` (or a mapping) or any ``key_id -> key | None`` function (e.g. a caching
+    one).
 
     Raises :class:`DecryptError` when an envelope does not decrypt with its key, and the key
     store's :class:`~auditpipe.privacy.keys.MasterKeyError` when the key cannot be unwrapped.
     """
-    lookup = keystore.get if isinstance(keystore, KeyStore) else keystore
+    # (not isinstance(..., KeyStore): a runtime Protocol check costs more than the decryption)
+    lookup = cast(Callable[[str], "bytes | None"], getattr(keystore, "get", keystore))
     out = dict(event)
     for name in CONTENT_FIELDS:
         envelope = as_envelope(out.get(name))
@@ -153,17 +159,19 @@ class ContentCipher:
         self.store = store
         self.cache_secs = cache_secs
         self.max_cached = max_cached
-        self._cache: OrderedDict[Subject, tuple[float, str, bytes]] = OrderedDict()
+        self._cache: OrderedDict[Subject, tuple[float, str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def data_key(self, subject: Subject) -> tuple[str, bytes]:
+    def data_key(self, subject: Subject) -> tuple[str, Any]:
+        """(key id, ``AESGCM`` of the subject's data key), from the cache when fresh."""
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(subject)
             if hit is not None and now - hit[0] < self.cache_secs:
                 self._cache.move_to_end(subject)
                 return hit[1], hit[2]
-        key_id, key = self.store.get_or_create(subject)
+        key_id, raw = self.store.get_or_create(subject)
+        key = _aead(raw)  # made once per subject: it costs about as much as a seal
         with self._lock:
             self._cache[subject] = (now, key_id, key)
             self._cache.move_to_end(subject)
