@@ -133,6 +133,27 @@ class TestKeyStores:
             ).fetchone()
         assert n is not None and n[0] == 2
 
+    def test_a_deleted_key_leaves_no_bytes_in_the_sqlite_file(self, tmp_path: Path) -> None:
+        """Without a master key the data key is stored as it is: deleting it must overwrite
+        it (secure_delete, which some SQLite builds leave off), or free space in the file
+        would still hold it. The same deletion with secure_delete off shows the hazard."""
+
+        def deleted_keys_left(path: Path, secure: bool) -> int:
+            store = SQLiteKeyStore(path)
+            if not secure:
+                store._execute("PRAGMA secure_delete = OFF")
+            keys = [store.get_or_create(("t", f"u{i}"))[1] for i in range(50)]
+            assert all(k in path.read_bytes() for k in keys)
+            assert store.delete_where(user="u7") + store.delete_where(user="u8") == 2
+            assert store._execute("PRAGMA secure_delete")[0][0] == int(secure)
+            store.close()
+            raw = path.read_bytes()
+            assert all(k in raw for i, k in enumerate(keys) if i not in (7, 8))
+            return sum(keys[i] in raw for i in (7, 8))
+
+        assert deleted_keys_left(tmp_path / "plain.sqlite", secure=False) == 2
+        assert deleted_keys_left(tmp_path / "keys.sqlite", secure=True) == 0
+
     def test_postgres_key_store_defaults_to_the_postgres_sinks_dsn(self, pg_dsn: str) -> None:
         schema = f"k_{uuid.uuid4().hex[:8]}"
         settings = Settings.model_validate({

@@ -300,6 +300,8 @@ class SQLiteKeyStore(_SqlKeyStore):
             self._conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=30
             )
+            # a deleted key must not linger in the file's free pages: that would undo shredding
+            self._conn.execute("PRAGMA secure_delete = ON")
             for statement in _SQLITE_SCHEMA:
                 self._conn.execute(statement)
         except (OSError, sqlite3.Error) as exc:
