@@ -566,6 +566,36 @@ class PrivacySettings(StrictModel):
         description="erase refuses to delete records younger than this unless "
         "--override-retention --reason TEXT (183 for EU AI Act Art. 19 deployments)",
     )
+    # crypto-shredding: the key store of the sinks with encrypt_content (auditpipe.privacy.keys)
+    key_store: Literal["sqlite", "postgres"] = Field(
+        "sqlite",
+        description="where per-subject data keys are kept for [sinks.NAME] encrypt_content: "
+        "sqlite (a file, for one machine and dev) or postgres (a table)",
+    )
+    key_store_path: str = Field(
+        ".auditpipe/keys.sqlite", description="sqlite key store file (created with mode 0600)"
+    )
+    key_store_dsn: str | None = Field(
+        None,
+        description="postgres key store; default: [sinks.postgres] dsn, else the embedded "
+        "PostgreSQL",
+    )
+    key_store_schema: str = Field(
+        "public",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+        description="postgres key store: schema of the auditpipe_keys table (created if missing)",
+    )
+    master_key_env: str | None = Field(
+        None,
+        description="name of an environment variable holding a 32-byte master key (hex or "
+        "base64) that wraps every stored data key (AES-256-GCM); unset: keys stored unwrapped",
+    )
+    key_cache_secs: float = Field(
+        60.0,
+        ge=0,
+        description="how long a sink keeps a subject's data key in memory (records written that "
+        "long after the subject's erasure are sealed under the deleted key: unreadable)",
+    )
 
 
 class LoggingSettings(StrictModel):

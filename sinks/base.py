@@ -156,6 +156,14 @@ class Sink(ABC, Generic[ConfigT]):
                     f"{origin}: [{prefix}.{key}] configures a step but {prefix}.steps does not "
                     f"list it; add it to steps = [...] in [{prefix}] or remove the table"
                 )
+        if "encrypt_content" in data and "encrypt_content" not in cls.Config.model_fields:
+            raise ConfigError(
+                f"{origin}: {prefix}.encrypt_content: the {cls.name} sink does not encrypt "
+                "content; encrypt_content is for the archive sinks (file, s3), whose copies "
+                "cannot always be deleted (S3 Object Lock, backups) and are erased by deleting "
+                "the subject's key. A store that deletes records itself (postgres, mongodb) is "
+                "erased with `auditpipe erase`, and serve/export read it in clear: remove the key"
+            )
         config = validate_model(cls.Config, data, origin, prefix=prefix)
         if not instantiate:
             return None

@@ -78,6 +78,11 @@ class FileConfig(StrictModel):
         description="records older than this are removed by `auditpipe retention --apply` "
         "(rotated segments rewritten or deleted); None keeps them (backups still prunes)",
     )
+    encrypt_content: bool = Field(
+        False,
+        description="seal input/output per subject (AES-256-GCM, keys in [privacy] key_store) "
+        "so that erasing a subject's keys shreds every copy (docs/privacy.md)",
+    )
 
 
 class FileSink(Sink[FileConfig]):

@@ -23,6 +23,9 @@ Errors, and who handles them:
 - :class:`PermanentSinkError`: the batch is bisected until the rejected events are isolated;
   those are dead-lettered (stage ``sink:NAME``, reason ``rejected``) and the rest written.
 - A DLQ that does not take the records counts as retriable: nothing is committed.
+- With ``[sinks.NAME] encrypt_content = true`` each batch's ``input``/``output`` are sealed
+  under their subject's data key just before the write (:mod:`auditpipe.privacy.envelope`);
+  a key store that fails makes the write retriable.
 - The sink's own steps (``[sinks.NAME] steps``, see ``base.py``) run on each event as it is
   decoded. An event a step fails on is dead-lettered (stage ``sink:NAME:step:STEP``, reason
   ``step_failed``) and never written: a failing redact step fails closed. An event a step
@@ -155,6 +158,9 @@ class SinkRunner:
         self.sink = sink
         self.settings = settings
         self._steps = tuple(getattr(sink, "steps", ()))
+        #: Seals input/output before each write when the sink has ``encrypt_content`` (opened
+        #: at :meth:`run` from ``[privacy]``; see auditpipe.privacy.envelope).
+        self.cipher: Any = None
         self.on_written = on_written
         self.stats = RunnerStats()
         self.group_id = f"{settings.runner.group_prefix}{sink.name}"
@@ -201,7 +207,15 @@ class SinkRunner:
         self._consumer = consumer
         self._dlq = AIOKafkaProducer(**producer_kwargs(kafka, self.settings.producer))
         health = None
-        await self.sink.start()
+        if getattr(self.sink.config, "encrypt_content", False) and self.cipher is None:
+            from auditpipe.privacy.envelope import content_cipher
+
+            self.cipher = await asyncio.to_thread(content_cipher, self.settings)
+        try:
+            await self.sink.start()
+        except BaseException:
+            await self._close_cipher()
+            raise
         try:
             # runner.health_port (older key) or [metrics] port: /healthz and /metrics
             metrics = self.settings.metrics
@@ -225,7 +239,13 @@ class SinkRunner:
             if health is not None:
                 health.close()
             await self._shutdown(consumer)
+            await self._close_cipher()
             gc.set_threshold(*saved_gc)
+
+    async def _close_cipher(self) -> None:
+        cipher, self.cipher = self.cipher, None
+        if cipher is not None:
+            await asyncio.to_thread(cipher.close)
 
     # -----------------------------------------------------------------------------------------
     # The loop
@@ -435,6 +455,9 @@ class SinkRunner:
                 offsets.append(msg.offset)
         batch = Batch(events, tp.topic, tp.partition, offsets)
         try:
+            if self.cipher is not None and batch:  # key store trouble: retried like a write
+                sealed = await asyncio.to_thread(self.cipher.encrypt_all, batch)
+                batch = Batch(sealed, tp.topic, tp.partition, offsets)
             started = time.monotonic()
             rejected = await self._write_isolating(batch) if batch else []
             if batch:

@@ -29,7 +29,7 @@ import gzip
 import io
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import fastavro
@@ -73,6 +73,11 @@ class S3Config(StrictModel):
         gt=0,
         description="records older than this are removed by `auditpipe retention --apply` "
         "(prefer a bucket lifecycle rule on PREFIX/ with the same age; see docs/privacy.md)",
+    )
+    encrypt_content: bool = Field(
+        False,
+        description="seal input/output per subject (AES-256-GCM, keys in [privacy] key_store) "
+        "so that erasing a subject's keys shreds every copy (docs/privacy.md)",
     )
 
     @model_validator(mode="after")
@@ -124,6 +129,10 @@ class S3Sink(Sink[S3Config]):
         super().__init__(config)
         self._client: Any = None
         self._sem: asyncio.Semaphore | None = None
+        #: Set by the erasure (auditpipe.privacy.erasure.erase_everywhere): whether a data key
+        #: is gone or being deleted. A selected record under Object Lock whose content is
+        #: sealed under such keys only is counted as shredded, not skipped.
+        self.shredded_key: Callable[[str], bool] | None = None
 
     async def start(self) -> None:
         if self.config.format == "avro":
@@ -258,7 +267,8 @@ class S3Sink(Sink[S3Config]):
     # An object whose every record is selected is deleted. In a versioned bucket the version
     # read is then deleted too (a rewrite alone would leave the records in the old version).
     # Objects under Object Lock (a retention date ahead, or a legal hold) cannot be changed:
-    # they are skipped and reported; crypto-shredding is the answer for those.
+    # they are skipped and reported, unless their content is sealed (encrypt_content) under a
+    # key the erasure deletes: then they are counted as shredded.
 
     def _ensure_client(self) -> Any:
         if self._client is None:
@@ -308,8 +318,9 @@ class S3Sink(Sink[S3Config]):
         body = client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read()
         return sum(selector.matches(e) for e in self._decode(key, body)[1])
 
-    def _erase_object(self, key: str, selector: Selector) -> tuple[int, str | None, int]:
-        """(records erased, reason they were kept, records kept for it) for one object."""
+    def _erase_object(self, key: str, selector: Selector) -> tuple[int, int, str | None, int]:
+        """(records erased, records shredded, reason records were kept, records kept for it)
+        for one object."""
         from botocore.exceptions import ClientError
 
         client = self._ensure_client()
@@ -321,10 +332,14 @@ class S3Sink(Sink[S3Config]):
             hits = [selector.matches(e) for e in events]
             n = sum(hits)
             if not n:
-                return 0, None, 0
+                return 0, 0, None, 0
             locked = _lock_reason(got)
             if locked:
-                return 0, locked, n
+                shredded = sum(
+                    1 for e, hit in zip(events, hits, strict=True)
+                    if hit and self._shredded(e)
+                )  # fmt: skip
+                return 0, shredded, locked if n > shredded else None, n - shredded
             kept = [u for u, hit in zip(units, hits, strict=True) if not hit]
             version = got.get("VersionId")
             try:
@@ -341,8 +356,20 @@ class S3Sink(Sink[S3Config]):
                 raise
             if version and version != "null":
                 client.delete_object(Bucket=bucket, Key=key, VersionId=version)
-            return n, None, 0
+            return n, 0, None, 0
         raise RetriableSinkError(f"s3 sink: s3://{bucket}/{key} kept changing during erasure")
+
+    def _shredded(self, event: dict[str, Any]) -> bool:
+        """Whether the erasure's key deletion makes ``event``'s content unreadable: every
+        non-null input/output is sealed under a key being deleted (checked per record, so
+        objects written before encrypt_content was turned on are not counted)."""
+        gone = self.shredded_key
+        if gone is None:
+            return False
+        from auditpipe.privacy.envelope import envelope_key_ids
+
+        ids = envelope_key_ids(event)
+        return bool(ids) and all(gone(i) for i in sorted(ids or ()))
 
     def _put_args(self, key: str, body: bytes, got: dict[str, Any]) -> dict[str, Any]:
         c = self.config
@@ -375,10 +402,11 @@ class S3Sink(Sink[S3Config]):
 
         def run() -> EraseResult:
             result = EraseResult()
-            for erased, reason, kept in self._parallel(
+            for erased, shredded, reason, kept in self._parallel(
                 self._erase_object, self._keys(selector), selector
             ):
                 result.erased += erased
+                result.shredded += shredded
                 if reason:
                     result.skip(reason, kept)
             return result

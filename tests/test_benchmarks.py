@@ -167,3 +167,18 @@ class TestEraseBench:
         assert pg["second_erase_erased"] == 0 and pg["baseline_count_same_selector_secs"] > 0
         assert s3["matched"] == s3["erased"] == 1 and s3["second_erase_erased"] == 0
         assert s3["baseline_list_and_read_all_secs"] > 0 and s3["erase_over_read_all_ratio"] > 0
+
+
+class TestShredBench:
+    def test_prints_seal_and_decrypt_costs_with_the_plain_baseline(self) -> None:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "shred_bench.py"),
+             "--events", "50", "--subjects", "5", "--rounds", "1"],
+            capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+        medians = out["ns_per_event_median"]
+        assert set(medians) == {"json_line_plain", "seal_and_json_line", "decrypt_event"}
+        assert all(v > 0 for v in medians.values()) and out["bytes_per_line"]["ratio"] > 1
+        assert "sealed_over_plain" in out["ratios"]

@@ -1,9 +1,10 @@
-"""``auditpipe erase`` and ``auditpipe retention``.
+"""``auditpipe erase``, ``auditpipe retention`` and ``auditpipe decrypt``.
 
     auditpipe erase [--config FILE] (--user ID | --tenant ID | --request-id ID | --event-id ID
                     | --metadata K=V ...) [--since T] [--until T] [--sink NAME ...] [--dry-run]
                     [--yes] [--reason TEXT] [--operator NAME] [--override-retention] [--json]
     auditpipe retention [--config FILE] [--sink NAME ...] [--apply] [--json]
+    auditpipe decrypt [--config FILE] [PATH ...]      (JSONL, .gz too; - or none: stdin)
 
 Exit codes (erase): 0 every selected record erased (or, with --dry-run, counted); 1 a store
 failed or the erasure event could not be sent (the receipt says which); 2 bad usage or
@@ -25,6 +26,7 @@ import orjson
 from auditpipe.errors import AuditpipeError, ConfigError
 from auditpipe.settings import Settings
 
+from . import shredding
 from .erasure import (
     DAY_MS,
     Receipt,
@@ -33,6 +35,7 @@ from .erasure import (
     erasure_event,
     hash_key,
     operator_name,
+    retention_reason,
 )
 from .selector import Kind, Selector
 
@@ -126,12 +129,33 @@ def cmd_erase(args: argparse.Namespace, settings: Settings, origin: str) -> int:
     selector = selector_from_args(args)
     if args.override_retention and not args.reason:
         raise ConfigError("--override-retention needs --reason TEXT (it goes on the receipt)")
-    min_days = settings.privacy.min_retention_days
     stores = erasable_stores(settings.sinks, origin, args.sink or ())
     if not stores:
         raise ConfigError(f"{origin}: no configured sink holds records ([sinks.NAME] tables)")
     key = None if args.dry_run else hash_key()  # fail before erasing, not after
-    common = {"min_retention_days": min_days, "override_retention": args.override_retention}
+    # the subject's data keys (crypto-shredding); a bad key store fails here, before erasing
+    shred = shredding.plan(settings, selector, restricted=bool(args.sink), dry_run=args.dry_run)
+    try:
+        return _erase(args, settings, origin, selector, stores, key, shred)
+    finally:
+        if shred is not None:
+            shred.close()
+
+
+def _erase(
+    args: argparse.Namespace,
+    settings: Settings,
+    origin: str,
+    selector: Selector,
+    stores: dict[str, Any],
+    key: bytes | None,
+    shred: shredding.KeyShredding | None,
+) -> int:
+    min_days = settings.privacy.min_retention_days
+    common: dict[str, Any] = {
+        "min_retention_days": min_days, "override_retention": args.override_retention,
+        "shredded_key": shred.shredded_key if shred else None,
+    }  # fmt: skip
     if not args.dry_run and not args.yes:
         if not sys.stdin.isatty():
             print(
@@ -146,6 +170,12 @@ def cmd_erase(args: argparse.Namespace, settings: Settings, origin: str) -> int:
             return EXIT_REFUSED
         stores = erasable_stores(settings.sinks, origin, args.sink or ())
     receipts = asyncio.run(_run(stores, selector, dry_run=args.dry_run, **common))
+    if shred is not None:
+        shred.finish(
+            receipts,
+            protect=min_days > 0 and not args.override_retention,
+            retention_reason=retention_reason(min_days),
+        )
     out: dict[str, Any] = {
         "dry_run": args.dry_run,
         "selector": selector.kind,
@@ -153,6 +183,8 @@ def cmd_erase(args: argparse.Namespace, settings: Settings, origin: str) -> int:
         "override_retention": args.override_retention,
         "receipts": [r.as_dict() for r in receipts],
     }
+    if shred is not None:
+        out["keys"] = shred.as_dict()
     code = EXIT_OK
     if any(r.error for r in receipts):
         code = EXIT_FAILED
@@ -163,6 +195,7 @@ def cmd_erase(args: argparse.Namespace, settings: Settings, origin: str) -> int:
         event = erasure_event(
             selector, receipts, key=key, operator=operator_name(args.operator),
             reason=args.reason, override_retention=args.override_retention,
+            keys_deleted=shred.deleted if shred is not None else None,
         )  # fmt: skip
         out["event_id"] = event["event_id"]
         try:
@@ -182,6 +215,8 @@ def cmd_erase(args: argparse.Namespace, settings: Settings, origin: str) -> int:
         print(f"auditpipe erase: {head}: {selector.kind}")
         for r in receipts:
             print(f"  {r.line()}")
+        if shred is not None:
+            print(f"  {shred.line()}")
         if args.override_retention:
             print(f"  min_retention_days ({min_days:g}) overridden: {args.reason}")
         if "event_sent" in out:
@@ -257,8 +292,49 @@ def cmd_retention(args: argparse.Namespace, settings: Settings, origin: str) -> 
     return code
 
 
+def cmd_decrypt(args: argparse.Namespace, settings: Settings) -> int:
+    """JSON lines (files, .gz included, or stdin) out with sealed input/output restored, or
+    "[erased]" where the subject's key is gone. Lines that are not JSON objects pass as they
+    are."""
+    import gzip
+
+    from .envelope import decrypt_event
+    from .keys import open_key_store
+
+    store = open_key_store(settings)
+    cache: dict[str, bytes | None] = {}
+
+    def lookup(key_id: str) -> bytes | None:
+        if key_id not in cache:
+            cache[key_id] = store.get(key_id)
+        return cache[key_id]
+
+    out = sys.stdout.buffer
+    try:
+        for path in args.paths or ["-"]:
+            if path == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+                if path.endswith(".gz"):
+                    data = gzip.decompress(data)
+            for line in data.splitlines():
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    event = None
+                if isinstance(event, dict) and "event_id" in event:
+                    line = orjson.dumps(decrypt_event(event, lookup))
+                out.write(line + b"\n")
+    finally:
+        store.close()
+    out.flush()
+    return EXIT_OK
+
+
 def add_commands(sub: Any, settings_of: Any, origin_of: Any) -> None:
-    """Add ``erase`` and ``retention`` to the ``auditpipe`` parser's subcommands."""
+    """Add ``erase``, ``retention`` and ``decrypt`` to the ``auditpipe`` parser's subcommands."""
     erase = sub.add_parser(
         "erase",
         help="erase one subject's records from every configured store, with a receipt",
@@ -309,3 +385,15 @@ def add_commands(sub: Any, settings_of: Any, origin_of: Any) -> None:
     retention.add_argument("--apply", action="store_true", help="erase what aged out")
     retention.add_argument("--json", action="store_true", help="print the report as JSON")
     retention.set_defaults(func=lambda a: cmd_retention(a, settings_of(a), origin_of(a)))
+
+    decrypt = sub.add_parser(
+        "decrypt",
+        help="print records of the file or s3 sink (JSONL, .gz too) with sealed content decrypted",
+        description="Reads JSON lines written by a sink with encrypt_content (file segments, "
+        "gunzipped S3 objects, or stdin) and prints them with input/output decrypted from the "
+        '[privacy] key store, or "[erased]" where the subject\'s key was deleted. See '
+        "docs/privacy.md.",
+    )
+    decrypt.add_argument("--config", help="settings file (TOML): [privacy] key store")
+    decrypt.add_argument("paths", nargs="*", metavar="PATH", help="JSONL or .jsonl.gz (- stdin)")
+    decrypt.set_defaults(func=lambda a: cmd_decrypt(a, settings_of(a)))

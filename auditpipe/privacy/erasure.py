@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,6 +50,8 @@ class EraseResult:
 
     erased: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    #: records left in place (S3 Object Lock) but sealed under keys this erasure deletes
+    shredded: int = 0
 
     def skip(self, reason: str, n: int = 1) -> None:
         if n:
@@ -73,6 +75,7 @@ class Receipt:
     skipped: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     dry_run: bool = False
+    shredded: int = 0  # see EraseResult.shredded
 
     @property
     def complete(self) -> bool:
@@ -89,7 +92,8 @@ class Receipt:
             extra = f" ({young} would be kept: {', '.join(self.skipped)})" if young else ""
             return f"{self.sink}: {self.matched} record(s) match{extra}"
         kept = "; ".join(f"{n} skipped: {why}" for why, n in self.skipped.items())
-        return f"{self.sink}: matched {self.matched}, erased {self.erased}" + (
+        shred = f", shredded {self.shredded} (content key deleted)" if self.shredded else ""
+        return f"{self.sink}: matched {self.matched}, erased {self.erased}{shred}" + (
             f"; {kept}" if kept else ""
         )
 
@@ -106,13 +110,19 @@ async def erase_everywhere(
     min_retention_days: float = 0,
     override_retention: bool = False,
     now_ms: int | None = None,
+    shredded_key: Callable[[str], bool] | None = None,
 ) -> list[Receipt]:
     """Erase (or with ``dry_run`` only count) ``selector``'s records in every store, in parallel.
 
     Records younger than ``min_retention_days`` are kept (counted as skipped with the reason)
     unless ``override_retention``. A store that raises gets a receipt with ``error`` set; the
-    others go on.
+    others go on. ``shredded_key(key_id)``: whether a data key is gone or deleted by the
+    caller after this (see :mod:`auditpipe.privacy.shredding`); a store that cannot remove a
+    record sealed under such keys only (S3 Object Lock) counts it as shredded, not skipped.
     """
+    for store in stores.values():
+        if hasattr(store, "shredded_key"):
+            store.shredded_key = shredded_key
     now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     protect = min_retention_days > 0 and not override_retention
     allowed = selector.narrowed(now_ms - int(min_retention_days * DAY_MS)) if protect else selector
@@ -133,6 +143,7 @@ async def erase_everywhere(
                     receipt.skipped[retention_reason(min_retention_days)] = young
             result = await store.erase(allowed) if receipt.matched else EraseResult()
             receipt.erased = result.erased
+            receipt.shredded = result.shredded
             for reason, n in result.skipped.items():
                 receipt.skipped[reason] = receipt.skipped.get(reason, 0) + n
         except Exception as exc:
@@ -163,6 +174,7 @@ def erasure_event(
     reason: str | None,
     override_retention: bool = False,
     source_service: str = "auditpipe-erase",
+    keys_deleted: int | None = None,
 ) -> dict[str, Any]:
     """The AuditEvent recording an erasure (JSON rendering), with no erased content: the
     selector's kind and HMAC, the window, per-store counts, the operator and the reason."""
@@ -175,11 +187,14 @@ def erasure_event(
         "matched": str(sum(r.matched for r in receipts)),
         "erased": str(sum(r.erased for r in receipts)),
         "skipped": str(sum(sum(r.skipped.values()) for r in receipts)),
+        "shredded": str(sum(r.shredded for r in receipts)),
         "failed_sinks": ",".join(r.sink for r in receipts if r.error) or "",
         "override_retention": "true" if override_retention else "false",
     }
     if reason:
         metadata["reason"] = reason
+    if keys_deleted is not None:
+        metadata["keys_deleted"] = str(keys_deleted)
     if selector.since_ms is not None:
         metadata["since_ms"] = str(selector.since_ms)
     if selector.until_ms is not None:
@@ -188,6 +203,7 @@ def erasure_event(
         metadata[f"sink.{r.sink}"] = (
             f"error: {r.error}" if r.error else
             f"matched={r.matched} erased={r.erased} skipped={sum(r.skipped.values())}"
+            + (f" shredded={r.shredded}" if r.shredded else "")
         )  # fmt: skip
     return new_event(
         log_type="erasure",
