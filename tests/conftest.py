@@ -17,7 +17,7 @@ from auditpipe.kafka import ensure_topics
 from auditpipe.settings import Settings
 from auditpipe.testing import isolated_settings, kafka_bootstrap, wait_until
 
-from .tcpproxy import TcpProxy
+from auditpipe.tcpproxy import TcpProxy
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from auditpipe.settings import Settings
 
 from .conftest import wait_until
 from .kafkautil import consume, produce, run
-from .tcpproxy import TcpProxy
+from auditpipe.tcpproxy import TcpProxy
 from .workers import spawn_worker, stop
 
 

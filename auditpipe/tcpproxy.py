@@ -1,8 +1,9 @@
 """A small TCP proxy (asyncio, in a thread) whose link can be cut and restored.
 
-Used to take Kafka away from a producer without restarting the broker (the in-memory broker
-loses every topic on restart). While cut, open connections are aborted and new ones are closed
-as soon as they are accepted.
+Used to take Kafka away from its clients without restarting the broker (the in-memory broker
+loses every topic on restart): by the fault tests and by ``auditpipe soak``. While cut, open
+connections are aborted and new ones are closed as soon as they are accepted. The counters
+(``cuts``, ``aborted``, ``refused``) show that a cut really happened and that clients noticed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class TcpProxy:
         self.port = port or free_port()
         self.cut_active = False
         self.connections = 0
+        self.cuts = 0  # cut() calls
+        self.aborted = 0  # open connections aborted by a cut
+        self.refused = 0  # connections accepted and closed at once while cut
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
@@ -43,6 +47,7 @@ class TcpProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut_active:
+            self.refused += 1
             writer.transport.abort()
             return
         try:
@@ -73,6 +78,8 @@ class TcpProxy:
 
         def _cut() -> None:
             self.cut_active = True
+            self.cuts += 1
+            self.aborted += len(self._writers) // 2
             for w in list(self._writers):
                 w.transport.abort()
 
