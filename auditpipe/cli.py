@@ -677,19 +677,19 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--concurrency", type=int, default=8, help="requests in flight at most (8)")
     soak.add_argument("--sink", default="file", help="sink to deliver to and read back (file)")
     soak.add_argument("--faults", default="all",
-                      help="all, none, or a comma list of broker,processor,sink,store,disk")  # fmt: skip
+                      help="all, none, or a list: broker,processor,sink,store,disk")  # fmt: skip
     soak.add_argument("--fault-every", type=float, default=30.0,
                       help="seconds between fault starts (30)")  # fmt: skip
     soak.add_argument("--fault-secs", type=float, default=10.0,
                       help="how long each fault lasts (10)")  # fmt: skip
     soak.add_argument("--drain-secs", type=float, default=120.0,
-                      help="after traffic: longest wait for the pipeline to drain (120)")  # fmt: skip
+                      help="longest wait for the pipeline to drain (120)")  # fmt: skip
     soak.add_argument("--no-workers", action="store_true",
-                      help="start no processor or sink: the deployment's own do the work")  # fmt: skip
+                      help="start no processor or sink (the deployment's do the work)")  # fmt: skip
     soak.add_argument("--workdir", help="keep logs, spool and the file store here")
     soak.add_argument("--seed", type=int, help="seed of the traffic mix (default: random)")
     soak.add_argument("--json", action="store_true",
-                      help="one JSON object as the last stdout line (summary to stderr)")  # fmt: skip
+                      help="the summary as one JSON line last on stdout")  # fmt: skip
     soak.set_defaults(func=cmd_soak)
 
     from auditpipe.schemas.compat import Mode

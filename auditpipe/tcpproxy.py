@@ -94,6 +94,11 @@ class TcpProxy:
                 self._server.close()
             for w in list(self._writers):
                 w.transport.abort()
+            me = asyncio.current_task()
+            handlers = [t for t in asyncio.all_tasks() if t is not me]
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
