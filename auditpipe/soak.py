@@ -70,7 +70,7 @@ from .settings import Settings, load_settings
 from .tcpproxy import TcpProxy
 
 FAULT_KINDS = ("broker", "processor", "sink", "store", "disk")
-SOAK_SINKS = ("file",)
+SOAK_SINKS = ("file", "postgres")
 
 #: Traffic mix: (kind, share). ``no_store`` must not arrive; the others must.
 MIX = (("plain", 0.35), ("stream", 0.30), ("no_store", 0.10), ("error", 0.10),
@@ -240,7 +240,7 @@ class FileStore:
                 out.append(sid)
         return out
 
-    def poll(self) -> int:
+    def poll(self, candidates: set[str] | None = None) -> int:
         """Read what was appended since the last poll; note when each soak id first showed."""
         try:
             st = os.stat(self.path)
@@ -291,6 +291,49 @@ class FileStore:
                 kept.append(line)
         self.path.write_bytes(b"".join(kept))
         return removed
+
+
+class PostgresStore:
+    """Reads the postgres sink's ``requests`` table (one row per event, keyed by event_id)."""
+
+    def __init__(self, dsn: str, schema: str, prefix: str) -> None:
+        self.dsn = dsn
+        self.table = f'"{schema}".requests'
+        self.prefix = prefix
+        self.first_seen: dict[str, float] = {}
+
+    def _query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.dsn, connect_timeout=3, autocommit=True) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def poll(self, candidates: set[str] | None = None) -> int:
+        """Note when each of ``candidates`` (soak ids not seen yet) first shows."""
+        if not candidates:
+            return 0
+        rows = self._query(
+            f"SELECT DISTINCT request_id FROM {self.table} WHERE request_id = ANY(%s)",
+            list(candidates),
+        )
+        now = time.time()
+        for (sid,) in rows:
+            self.first_seen.setdefault(sid, now)
+        return len(rows)
+
+    def count(self) -> Counter[str]:
+        rows = self._query(
+            f"SELECT request_id, count(*) FROM {self.table} WHERE request_id LIKE %s "
+            "GROUP BY request_id",
+            self.prefix + "%",
+        )
+        return Counter({sid: int(n) for sid, n in rows})
+
+    def delete_rows(self, sids: set[str]) -> int:
+        rows = self._query(
+            f"DELETE FROM {self.table} WHERE request_id = ANY(%s) RETURNING id", list(sids)
+        )
+        return len(rows)
 
 
 def soak_id_of(event: dict[str, Any], prefix: str) -> str | None:
@@ -433,7 +476,10 @@ class Soak:
         self.broker: EmbeddedBroker | None = None
         self.processor: Child | None = None
         self.sink: Child | None = None
-        self.store: FileStore | None = None
+        self.store: FileStore | PostgresStore | None = None
+        self.embedded_pg: Any = None
+        self._poll_lock = asyncio.Lock()  # one poll at a time (the file reader keeps a position)
+        self.pg_proxy: TcpProxy | None = None
         self.t0 = 0.0
         self.settings = settings
         self.producer: Any = None
@@ -454,7 +500,8 @@ class Soak:
                 f"{', '.join(SOAK_SINKS)}; use --sink file"
             )
         table = dict(s.sinks.get(o.sink) or {})
-        table.setdefault("path", str(self.workdir / "events.jsonl"))
+        if o.sink == "file":
+            table.setdefault("path", str(self.workdir / "events.jsonl"))
         s = s.model_copy(update={"sinks": {**s.sinks, o.sink: table}})
         s = _with(s, "producer", spool_dir=str(self.workdir / "spool"))
         if s.processors.data_dir is None:
@@ -463,13 +510,56 @@ class Soak:
         from auditpipe.sinks import create_sink
 
         create_sink(o.sink, s.sinks, o.origin)  # bad sink settings fail before anything starts
-        self.store = FileStore(Path(table["path"]), self.prefix)
+        if o.sink == "file":
+            self.store = FileStore(Path(table["path"]), self.prefix)
+
+    async def _prepare_postgres(self, stack: contextlib.ExitStack) -> None:
+        """The embedded PostgreSQL (in the work directory) unless a dsn is set; a TCP proxy in
+        front of a TCP server (the store fault cuts it); the schema migrated."""
+        from auditpipe.sinks import create_sink
+
+        table = dict(self.settings.sinks.get("postgres") or {})
+        schema = table.get("schema_name", "auditpipe")
+        dsn = table.get("dsn")
+        if not dsn:
+            from .embedded_pg import EmbeddedPostgres
+
+            self.embedded_pg = EmbeddedPostgres(
+                table.get("embedded_data_dir") or self.workdir / "postgres"
+            )
+            dsn = await asyncio.to_thread(self.embedded_pg.acquire)
+            stack.callback(self.embedded_pg.stop)
+            progress(f"embedded PostgreSQL in {self.embedded_pg.data_dir}")
+            sink_dsn = dsn
+        else:
+            from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+            info = conninfo_to_dict(dsn)
+            host = str(info.get("host") or "")
+            sink_dsn = dsn
+            if host and not host.startswith("/") and "," not in host:
+                self.pg_proxy = TcpProxy(int(info.get("port") or 5432), upstream_host=host).start()
+                stack.callback(self.pg_proxy.stop)
+                sink_dsn = make_conninfo(dsn, host="127.0.0.1", port=str(self.pg_proxy.port))
+        table["dsn"] = sink_dsn
+        self.settings = self.settings.model_copy(
+            update={"sinks": {**self.settings.sinks, "postgres": table}}
+        )
+        sink = create_sink("postgres", self.settings.sinks, self.options.origin)
+        await sink.migrate()  # type: ignore[attr-defined]
+        self.store = PostgresStore(str(dsn), schema, self.prefix)
 
     def _skip_reason(self, kind: str) -> str | None:
         if kind in ("broker", "disk") and self.proxy is None:
             return "the broker is not ours (kafka.bootstrap set): no proxy between its clients"
         if kind in ("processor", "sink", "store") and not self.options.workers:
             return "--no-workers: the deployment's processes are not ours to kill"
+        if (
+            kind == "store"
+            and self.options.sink == "postgres"
+            and not (self.embedded_pg or self.pg_proxy)
+        ):
+            return "sinks.postgres.dsn is a Unix socket of a server not ours: nothing to cut"
         return None
 
     async def run(self) -> dict[str, Any]:
@@ -492,6 +582,8 @@ class Soak:
                 self.settings = tune_for_embedded_broker(
                     _with(self.settings, "kafka", bootstrap=f"127.0.0.1:{proxy_port}")
                 )
+            if o.sink == "postgres":
+                await self._prepare_postgres(stack)
             await ensure_topics(self.settings.kafka)
             where = "configured Kafka" if self.external else "embedded broker behind a TCP proxy"
             progress(f"{where} at {self.settings.kafka.bootstrap}; topics ready")
@@ -712,6 +804,42 @@ class Soak:
             progress(f"fault {kind}: end at {rec.end_s:.1f}s {rec.detail}")
 
     async def _store_fault(self, rec: FaultRecord) -> None:
+        if self.options.sink == "postgres":
+            await self._store_fault_postgres(rec)
+        else:
+            await self._store_fault_file(rec)
+
+    async def _store_fault_postgres(self, rec: FaultRecord) -> None:
+        """The embedded server is stopped (``pg_ctl stop -m fast``; its data kept) and started
+        again; a TCP server is cut off by the proxy in front of it."""
+        recovered_before = self._log_count("recovered")
+        if self.pg_proxy is not None:
+            before = (self.pg_proxy.aborted, self.pg_proxy.refused)
+            self.pg_proxy.cut()
+            await asyncio.sleep(self.options.fault_secs)
+            self.pg_proxy.restore()
+            rec.detail["connections_aborted"] = self.pg_proxy.aborted - before[0]
+            rec.detail["connections_refused"] = self.pg_proxy.refused - before[1]
+        else:
+            pg = self.embedded_pg
+            await asyncio.to_thread(pg._pg_ctl, "-m", "fast", "-w", "stop")
+            rec.detail["server_stopped"] = not pg.is_running()
+            await asyncio.sleep(self.options.fault_secs)
+
+            def start() -> None:
+                with pg._locked():
+                    pg._ensure_running()
+
+            await asyncio.to_thread(start)
+            rec.detail["server_restarted"] = pg.is_running()
+        for _ in range(75):  # up to 15 s for the sink's retry (another process's log file)
+            if self._log_count("recovered") > recovered_before:
+                break
+            await asyncio.sleep(0.2)
+        rec.detail["partitions_recovered"] = self._log_count("recovered") - recovered_before
+        rec.observed = rec.detail["partitions_recovered"] > 0
+
+    async def _store_fault_file(self, rec: FaultRecord) -> None:
         """File sink: the soft RLIMIT_FSIZE of the sink process goes to 1 byte, so every append
         fails (EFBIG). Its own log is a file too, so the failures show afterwards: the runner
         logs "recovered" for each partition whose writes had failed."""
@@ -740,7 +868,7 @@ class Soak:
             "partitions_recovered"] > 0  # fmt: skip
 
     def _store_size(self) -> int:
-        assert self.store is not None
+        assert isinstance(self.store, FileStore)
         try:
             return self.store.path.stat().st_size
         except FileNotFoundError:
@@ -770,8 +898,7 @@ class Soak:
     async def _poll_store(self) -> None:
         assert self.store is not None
         while True:
-            with contextlib.suppress(OSError):
-                self.store.poll()
+            await self._poll_once()
             await asyncio.sleep(0.2)
 
     async def _report(self) -> None:
@@ -785,6 +912,17 @@ class Soak:
                 f"producer: sent={stats['sent']} spool_bytes={stats['spool_bytes']} "
                 f"dropped={sum(stats['dropped'].values())} faults active: {active}"
             )
+
+    async def _poll_once(self) -> None:
+        assert self.store is not None
+        async with self._poll_lock:
+            with contextlib.suppress(Exception):  # a store down (the store fault) is no error
+                await asyncio.to_thread(self.store.poll, self._unseen())
+
+    def _unseen(self) -> set[str]:
+        assert self.store is not None
+        seen = self.store.first_seen
+        return {r.sid for r in self.sent if r.sid not in seen and r.outcome != "pending"}
 
     def _expected(self) -> set[str]:
         """Soak ids the producer must capture and the processors keep."""
@@ -825,7 +963,7 @@ class Soak:
         dlq: dict[str, str] = {}
         last = 0.0
         while True:
-            self.store.poll()
+            await self._poll_once()
             missing = expected - self.store.first_seen.keys() - self.disk.refused_ids
             other_drops = sum(self._dropped().values()) - len(self.disk.refused_ids)
             if len(missing) <= max(0, other_drops):

@@ -18,11 +18,17 @@ from auditpipe.broker import free_port
 
 class TcpProxy:
     def __init__(
-        self, upstream_port: int, port: int | None = None, ssl_context: ssl.SSLContext | None = None
+        self,
+        upstream_port: int,
+        port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        upstream_host: str = "127.0.0.1",
     ) -> None:
-        """``ssl_context``: terminate TLS with it (a TLS listener in front of a plain broker)."""
+        """``ssl_context``: terminate TLS with it (a TLS listener in front of a plain broker).
+        ``upstream_host``: where the upstream listens (default loopback)."""
         self.upstream_port = upstream_port
         self.ssl_context = ssl_context
+        self.upstream_host = upstream_host
         self.port = port or free_port()
         self.cut_active = False
         self.connections = 0
@@ -51,7 +57,9 @@ class TcpProxy:
             writer.transport.abort()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            up_reader, up_writer = await asyncio.open_connection(
+                self.upstream_host, self.upstream_port
+            )
         except OSError:
             writer.transport.abort()
             return
