@@ -528,7 +528,7 @@ class Soak:
                 table.get("embedded_data_dir") or self.workdir / "postgres"
             )
             dsn = await asyncio.to_thread(self.embedded_pg.acquire)
-            stack.callback(self.embedded_pg.stop)
+            stack.callback(self._stop_embedded_pg)
             progress(f"embedded PostgreSQL in {self.embedded_pg.data_dir}")
             sink_dsn = dsn
         else:
@@ -548,6 +548,12 @@ class Soak:
         sink = create_sink("postgres", self.settings.sinks, self.options.origin)
         await sink.migrate()  # type: ignore[attr-defined]
         self.store = PostgresStore(str(dsn), schema, self.prefix)
+
+    def _stop_embedded_pg(self) -> None:
+        try:
+            self.embedded_pg.stop()
+        except Exception as exc:  # the account is done; say so rather than lose it
+            progress(f"could not stop the embedded PostgreSQL: {exc}")
 
     def _skip_reason(self, kind: str) -> str | None:
         if kind in ("broker", "disk") and self.proxy is None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,35 @@ def test_expected_follows_a_configured_sample_step(rate: float, tmp_path: Path) 
         Sent("c", "no_store", False, "ok"),
     ]
     assert soak._expected() == ({"a", "b"} if rate == 1.0 else {"b"})
+
+
+def test_postgres_soak_store_fault_and_loss_detection() -> None:
+    """The postgres sink on the embedded PostgreSQL (pgserver): the store fault stops the
+    server and the sink recovers; 2 rows deleted before the count are reported lost, nothing
+    else is. (The work directory is not under pytest's tmp_path: a concurrent pytest session
+    resets that tree to mode 0700, which locks out the server's own user.)"""
+    removed: list[int] = []
+    workdir = tempfile.mkdtemp(prefix="auditpipe-soak-test-")
+
+    def tamper(store: object) -> None:
+        from auditpipe.soak import PostgresStore
+
+        assert isinstance(store, PostgresStore)
+        ids = sorted(store.count())
+        removed.append(store.delete_rows(set(ids[:2])))
+
+    options = SoakOptions(
+        seconds=16, rate=5, sink="postgres", faults=["store", "sink"], fault_every=8,
+        fault_secs=3, drain_secs=60, seed=5, workdir=workdir, before_count=tamper,
+    )  # fmt: skip
+    try:
+        code, s = asyncio.run(run_soak(Settings(), options))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert removed == [2]
+    assert code == 1 and s["lost"] == 2, s
+    assert s["delivered"] == s["expected"] - 2 and s["duplicates"] == 0
+    faults = {f["kind"]: f for f in s["faults"]}
+    assert faults["store"]["observed"] and faults["store"]["server_stopped"], faults
+    assert faults["store"]["partitions_recovered"] > 0
+    assert faults["sink"]["observed"], faults
