@@ -21,9 +21,11 @@ Faults (``--faults``, run one at a time, every ``--fault-every`` seconds, each f
 
 - ``broker``: the TCP proxy aborts every connection to the broker and refuses new ones.
 - ``processor`` / ``sink``: ``kill -9`` of the child, restarted when the fault ends.
-- ``store`` (file sink): the sink process's file-size limit (``RLIMIT_FSIZE``, set with
+- ``store``: file sink: the sink process's file-size limit (``RLIMIT_FSIZE``, set with
   ``prlimit``) is lowered to 1 byte, so every append fails with ``EFBIG`` from the kernel, as
-  an unwritable store; root ignores permissions, so a read-only directory would not do.
+  an unwritable store (root ignores permissions, so a read-only directory would not do).
+  postgres sink: the embedded server (pgserver, data in the work directory) is stopped and
+  started again; a server given by a TCP ``dsn`` is cut off by a TCP proxy in front of it.
 - ``disk``: the producer's spool refuses every write with ``ENOSPC`` (its write function is
   swapped; the spool's own ``disk_full`` path runs) while the broker is cut, so events must go
   to the spool and cannot: they are dropped and counted (``disk_full``). The refused records
@@ -92,6 +94,7 @@ class SoakOptions:
     config_path: str | None = None
     origin: str = "settings"
     seed: int | None = None
+    run_id: str | None = None  # default: random (soak ids are soak-<run_id>-<seq>)
     #: test hook: called with the store reader after draining, before the final count
     before_count: Callable[[Any], None] | None = None
 
@@ -465,7 +468,7 @@ class Sent:
 class Soak:
     def __init__(self, settings: Settings, options: SoakOptions) -> None:
         self.options = options
-        self.run_id = uuid.uuid4().hex[:8]
+        self.run_id = options.run_id or uuid.uuid4().hex[:8]
         self.prefix = f"soak-{self.run_id}-"
         self.rng = random.Random(options.seed)
         self.sent: list[Sent] = []
@@ -497,7 +500,7 @@ class Soak:
         if o.sink not in SOAK_SINKS:
             raise ConfigError(
                 f"--sink {o.sink!r}: the soak reads back from the store itself and can read "
-                f"{', '.join(SOAK_SINKS)}; use --sink file"
+                f"{' and '.join(SOAK_SINKS)} (use one of those)"
             )
         table = dict(s.sinks.get(o.sink) or {})
         if o.sink == "file":

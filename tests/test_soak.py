@@ -68,8 +68,20 @@ def test_short_soak_with_every_fault_loses_nothing(tmp_path: Path) -> None:
 
 
 def test_account_detects_lost_and_duplicated_rows(tmp_path: Path) -> None:
-    """A store that loses 3 rows and duplicates 1: lost == 3, duplicates == 1, exit 1."""
+    """A store that loses 3 rows and duplicates 1: lost == 3, duplicates == 1, exit 1. One
+    event the sink's own step fails on is dead-lettered: read back from the DLQ topic with its
+    reason, and not counted as lost."""
+    from auditpipe.soak import Soak
+
     tampered: dict[str, object] = {}
+    picker = Soak(Settings(), SoakOptions(seed=3, workdir=str(tmp_path / "picker")))
+    poison_seq = next(i for i in range(100) if picker._pick() == "plain")
+    poison = f"soak-testrun1-{poison_seq:07d}"
+    settings = Settings.model_validate(
+        {"sinks": {"file": {"path": str(tmp_path / "events.jsonl"),
+                            "steps": ["tests.failing_step:FailOn"],
+                            "fail_on": {"request_id": poison}}}}
+    )  # fmt: skip
 
     def tamper(store: FileStore) -> None:
         ids = sorted(store.count())
@@ -84,11 +96,13 @@ def test_account_detects_lost_and_duplicated_rows(tmp_path: Path) -> None:
             fh.write(line)
 
     options = SoakOptions(
-        seconds=6, rate=5, faults=[], drain_secs=60, seed=3,
+        seconds=6, rate=5, faults=[], drain_secs=60, seed=3, run_id="testrun1",
         workdir=str(tmp_path / "soak"), before_count=tamper,
     )  # fmt: skip
-    code, s = asyncio.run(run_soak(Settings(), options))
+    code, s = asyncio.run(run_soak(settings, options))
     assert tampered["removed"] == 3
+    assert s["dead_lettered"] == 1, s
+    assert s["dead_letter_reasons"] == {"sink:file:step:fail_on/step_failed": 1}, s
     assert code == 1 and not s["ok"]
     assert s["lost"] == 3, s
     assert s["duplicates"] == 1, s
