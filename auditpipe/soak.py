@@ -340,6 +340,7 @@ class PostgresStore:
 
 
 def soak_id_of(event: dict[str, Any], prefix: str) -> str | None:
+    """The event's soak id (``prefix`` ""  matches any)."""
     rid = event.get("request_id")
     if isinstance(rid, str) and rid.startswith(prefix):
         return rid
@@ -390,6 +391,56 @@ async def read_dlq(settings: Settings, prefix: str, timeout_secs: float = 20.0) 
                         found[sid] = why
     finally:
         await consumer.stop()
+    return found
+
+
+async def locate(
+    settings: Settings, sids: set[str], groups: dict[str, str], timeout_secs: float = 30.0
+) -> dict[str, dict[str, Any]]:
+    """Where each of ``sids`` is on the pipeline's topics (for the loss report): for the raw
+    and the events topic, the partition and offset of its record, and the offset the topic's
+    consumer group (``groups``: topic -> group id) has committed for that partition. A lost
+    event found in the raw topic but not the events topic was lost by the processors; one in
+    the events topic, below the sink group's committed offset, by the sink."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from auditpipe.schemas import decode
+
+    kafka = settings.kafka
+    found: dict[str, dict[str, Any]] = {sid: {} for sid in sids}
+    for topic in (kafka.raw_topic, kafka.events_topic):
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap, client_id=f"{kafka.client_id}-soak-locate",
+            enable_auto_commit=False, group_id=groups.get(topic),
+        )  # fmt: skip
+        await consumer.start()
+        try:
+            await consumer.topics()
+            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic)
+                                                            or ())]  # fmt: skip
+            committed = {tp: await consumer.committed(tp) for tp in tps}
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            deadline = time.monotonic() + timeout_secs
+            while time.monotonic() < deadline:
+                positions = [await consumer.position(tp) for tp in tps]
+                if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                    break
+                batch = await consumer.getmany(*tps, timeout_ms=500)
+                for tp, records in batch.items():
+                    for rec in records:
+                        try:
+                            sid = soak_id_of(decode(rec.value), "")
+                        except Exception:
+                            continue
+                        if sid in found:
+                            found[sid][topic] = {
+                                "partition": tp.partition, "offset": rec.offset,
+                                "committed": committed.get(tp), "end": ends[tp],
+                            }  # fmt: skip
+        finally:
+            await consumer.stop()
     return found
 
 
@@ -1007,6 +1058,17 @@ class Soak:
         dropped: dict[str, int] = dict(stats["dropped"])
         other_drops = max(0, sum(dropped.values()) - len(self.disk.refused_ids))
         lost = max(0, len(missing) - other_drops)
+        where: dict[str, dict[str, Any]] = {}
+        if missing:
+            runner = self.settings.runner
+            groups = {
+                self.settings.kafka.raw_topic: self.settings.processors.app_id,
+                self.settings.kafka.events_topic: f"{runner.group_prefix}{self.options.sink}",
+            }
+            try:
+                where = await locate(self.settings, set(sorted(missing)[:20]), groups)
+            except Exception as exc:  # the account stands without it
+                progress(f"could not locate the missing events on the topics: {exc!r}")
         duplicates = sum(n - 1 for n in rows.values() if n > 1)
         unexpected = sorted(sid for sid in rows if sid not in expected and sid in by_sid
                             and not by_sid[sid].store)  # fmt: skip
@@ -1037,6 +1099,7 @@ class Soak:
             "delivered": len(delivered),
             "lost": lost,
             "missing_ids": sorted(missing)[:20],
+            "missing_where": where,
             "duplicates": duplicates,
             "unexpected": len(unexpected),
             "dead_lettered": len(dead),
@@ -1089,6 +1152,8 @@ def human_summary(s: dict[str, Any]) -> str:
         lines.append(f"  fault {f['kind']:<9} {f['start_s']:>7}s -> {f['end_s']}s  {extra}")
     if s["missing_ids"]:
         lines.append(f"  missing (first 20): {', '.join(s['missing_ids'])}")
+        for sid, where in s.get("missing_where", {}).items():
+            lines.append(f"    {sid}: {where or 'on neither topic'}")
     lines.append("  RESULT: " + ("every event accounted for" if s["ok"] else "FAILED"))
     return "\n".join(lines)
 

@@ -107,6 +107,12 @@ def test_account_detects_lost_and_duplicated_rows(tmp_path: Path) -> None:
     assert s["lost"] == 3, s
     assert s["duplicates"] == 1, s
     assert len(s["missing_ids"]) == 3
+    # located: each went through both topics and the sink group committed past it (so the loss
+    # is the store's: here, the rows deleted behind the sink's back)
+    for sid in s["missing_ids"]:
+        where = s["missing_where"][sid]
+        assert set(where) == {"auditpipe.raw", "auditpipe.events"}, where
+        assert where["auditpipe.events"]["committed"] > where["auditpipe.events"]["offset"]
 
 
 def test_bad_flags_name_the_flag() -> None:
