@@ -69,7 +69,7 @@ def install_commit_guard() -> None:
             if lowest > committed and not _is_gap(self._gap.get(tp), committed, lowest):
                 _warn_held(tp, committed, lowest)
                 return None
-        return original(self, tp)  # type: ignore[no-any-return]
+        return original(self, tp)
 
     _new_offset._auditpipe_guard = True  # type: ignore[attr-defined]
     Consumer._new_offset = _new_offset  # type: ignore[method-assign]
