@@ -470,6 +470,8 @@ def _duration(ms: int | None) -> str:
         if secs >= size and secs % size == 0:
             return f"{secs // size}{unit}"
     return f"{secs}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def cmd_soak(args: argparse.Namespace) -> int:
     """Traffic, faults on a schedule and an exact account (see auditpipe/soak.py)."""
     import json

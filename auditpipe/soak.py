@@ -1010,9 +1010,9 @@ class Soak:
         steps = (self.settings.pipeline or {}).get("steps") or []
         if "sample" not in steps:
             return None
-        from auditpipe.processors.sample import SampleStep
+        from auditpipe.processors.sample import SampleConfig, SampleStep
 
-        return SampleStep(SampleStep.Config(**(self.settings.pipeline.get("sample") or {})))
+        return SampleStep(SampleConfig(**(self.settings.pipeline.get("sample") or {})))
 
     async def _drain(self) -> dict[str, str]:
         """Wait until every expected id is in the store, dead-lettered or dropped (or the

@@ -132,7 +132,7 @@ def test_children_settings_file_round_trips(tmp_path: Path) -> None:
     config = tmp_path / "in.toml"
     config.write_text(
         '[kafka]\nbootstrap = "127.0.0.1:1"\n[sinks.file]\npath = "/tmp/ä x.jsonl"\n'
-        '[pipeline]\nsteps = ["validate", "sample"]\n[pipeline.sample]\ndefault_rate = 0.5\n'
+        '[pipeline]\nsteps = ["enrich", "sample"]\n[pipeline.sample]\ndefault_rate = 0.5\n'
         '[[pipeline.sample.rules]]\nmodel = "gpt-*"\nrate = 1.0\n'
     )
     settings = load_settings(config, env={})
@@ -148,7 +148,7 @@ def test_expected_follows_a_configured_sample_step(rate: float, tmp_path: Path) 
     from auditpipe.soak import Sent, Soak
 
     settings = Settings.model_validate(
-        {"pipeline": {"steps": ["validate", "sample"], "sample": {"default_rate": rate}}}
+        {"pipeline": {"steps": ["enrich", "sample"], "sample": {"default_rate": rate}}}
     )
     soak = Soak(settings, SoakOptions(workdir=str(tmp_path)))
     soak.sent = [
