@@ -950,6 +950,9 @@ class Soak:
             if child is not None and not child.alive():
                 child.start()
 
+    def _children(self) -> dict[str, Any]:
+        return {c.name: _child_state(c) for c in (self.processor, self.sink) if c is not None}
+
     def _dropped(self) -> dict[str, int]:
         return dict(self.producer.stats()["dropped"]) if self.producer is not None else {}
 
@@ -1114,10 +1117,19 @@ class Soak:
             "e2e_during_faults": _lat(lat_fault),
             "e2e_outside_faults": _lat(lat_calm),
             "faults": [f.as_dict() for f in self.faults],
+            "children": self._children(),
             "workdir": str(self.workdir),
         }
         summary["ok"] = lost == 0 and duplicates == 0 and not unexpected
         return summary
+
+
+def _child_state(child: Child) -> dict[str, Any]:
+    state: dict[str, Any] = {"starts": child.starts, "alive": child.alive()}
+    if not state["alive"]:  # died on its own (the soak restarts only what it killed)
+        state["exit_code"] = child.proc.returncode if child.proc else None
+        state["log_tail"] = child.log_tail()
+    return state
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -1150,6 +1162,10 @@ def human_summary(s: dict[str, Any]) -> str:
     for f in s["faults"]:
         extra = {k: v for k, v in f.items() if k not in ("kind", "start_s", "end_s", "start_utc")}
         lines.append(f"  fault {f['kind']:<9} {f['start_s']:>7}s -> {f['end_s']}s  {extra}")
+    for name, state in s.get("children", {}).items():
+        if not state["alive"]:
+            lines.append(f"  the {name} died on its own (exit {state['exit_code']}): "
+                         f"{state['log_tail']}")  # fmt: skip
     if s["missing_ids"]:
         lines.append(f"  missing (first 20): {', '.join(s['missing_ids'])}")
         for sid, where in s.get("missing_where", {}).items():

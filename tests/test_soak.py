@@ -65,6 +65,9 @@ def test_short_soak_with_every_fault_loses_nothing(tmp_path: Path) -> None:
     assert s["dropped_reasons"].get("disk_full", 0) > 0
     # the broker fault made the producer spool and replay
     assert s["producer"]["replayed"] > 0
+    # started once, restarted once after its kill -9, alive at the end
+    assert s["children"] == {"processor": {"starts": 2, "alive": True},
+                             "sink": {"starts": 2, "alive": True}}  # fmt: skip
 
 
 def test_account_detects_lost_and_duplicated_rows(tmp_path: Path) -> None:
