@@ -18,6 +18,7 @@
     auditpipe export [--config FILE] [--format chat|records] ...   stored records as JSONL
     auditpipe erase [--config FILE] (--user ID | ...) [--dry-run] [--yes]  erase a subject
     auditpipe retention [--config FILE] [--apply]                 what ages out per sink
+    auditpipe soak [--seconds S] [--rate RPS] [--faults LIST] [--json]  load + faults + account
 
 Exit codes: 0 success, 1 the job failed (the message says what is missing), 2 bad usage or
 configuration (the message names the key), 3 `redact` rejected some lines (`ingest`: skipped
@@ -474,6 +475,40 @@ def _duration(ms: int | None) -> str:
     return f"{secs}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    """Traffic, faults on a schedule and an exact account (see auditpipe/soak.py)."""
+    import json
+
+    from .soak import SoakOptions, human_summary, parse_faults, run_soak
+
+    for name in ("seconds", "rate", "fault_every", "fault_secs"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
+    settings = _settings(args)
+    options = SoakOptions(
+        seconds=args.seconds,
+        rate=args.rate,
+        concurrency=args.concurrency,
+        sink=args.sink,
+        faults=parse_faults(args.faults),
+        fault_every=args.fault_every,
+        fault_secs=args.fault_secs,
+        drain_secs=args.drain_secs,
+        workers=not args.no_workers,
+        workdir=args.workdir,
+        config_path=args.config,
+        origin=_origin(args),
+        seed=args.seed,
+    )
+    code, summary = asyncio.run(run_soak(settings, options))
+    print(human_summary(summary), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True), flush=True)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auditpipe", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -633,6 +668,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--concurrency", type=int, default=4, help="parallel requests (4)")
     demo.set_defaults(func=cmd_demo)
+    soak = sub.add_parser(
+        "soak",
+        help="steady traffic through the pipeline, faults on a schedule, an exact account",
+        description="Drives the demo server (with the audit hook) with the openai client, "
+        "injects faults (broker cut, kill -9 of processor and sink, store unwritable, spool "
+        "disk full), then counts every event by soak id in the store. Exit 0 only when nothing "
+        "was lost. See docs/soak.md.",
+    )
+    soak.add_argument("--config", help="settings file (TOML); [kafka], [sinks.NAME], [producer]")
+    soak.add_argument("--seconds", type=float, default=60.0, help="traffic duration (60)")
+    soak.add_argument("--rate", type=float, default=10.0, help="requests per second (10)")
+    soak.add_argument("--concurrency", type=int, default=8, help="requests in flight at most (8)")
+    soak.add_argument("--sink", default="file", help="sink to deliver to and read back (file)")
+    soak.add_argument("--faults", default="all",
+                      help="all, none, or a list: broker,processor,sink,store,disk")  # fmt: skip
+    soak.add_argument("--fault-every", type=float, default=30.0,
+                      help="seconds between fault starts (30)")  # fmt: skip
+    soak.add_argument("--fault-secs", type=float, default=10.0,
+                      help="how long each fault lasts (10)")  # fmt: skip
+    soak.add_argument("--drain-secs", type=float, default=120.0,
+                      help="longest wait for the pipeline to drain (120)")  # fmt: skip
+    soak.add_argument("--no-workers", action="store_true",
+                      help="start no processor or sink (the deployment's do the work)")  # fmt: skip
+    soak.add_argument("--workdir", help="keep logs, spool and the file store here")
+    soak.add_argument("--seed", type=int, help="seed of the traffic mix (default: random)")
+    soak.add_argument("--json", action="store_true",
+                      help="the summary as one JSON line last on stdout")  # fmt: skip
+    soak.set_defaults(func=cmd_soak)
 
     from auditpipe.schemas.compat import Mode
 

@@ -15,9 +15,8 @@ import pytest
 from auditpipe.broker import EmbeddedBroker, free_port
 from auditpipe.kafka import ensure_topics
 from auditpipe.settings import Settings
+from auditpipe.tcpproxy import TcpProxy
 from auditpipe.testing import isolated_settings, kafka_bootstrap, wait_until
-
-from .tcpproxy import TcpProxy
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The one ``[kafka]`` client table: TLS end to end, SASL settings, the errors that name keys.
 
 TLS: the embedded broker (Tansu) does not speak TLS with aiokafka, so a TLS-terminating TCP
-proxy (tests/tcpproxy.py with an ``ssl_context``) sits in front of it and the broker advertises
+proxy (auditpipe/tcpproxy.py with an ``ssl_context``) sits in front of it and the broker advertises
 the proxy's port; every byte the clients exchange with the broker crosses that TLS listener,
 which requires a client certificate (mTLS). SASL: Tansu keeps no SCRAM users and offers no
 PLAIN, so SASL is tested up to aiokafka's and Faust's client objects (the kwargs they were
@@ -38,8 +38,8 @@ from auditpipe.kafka import (
     producer_kwargs,
 )
 from auditpipe.settings import KafkaSettings, Settings, load_settings
+from auditpipe.tcpproxy import TcpProxy
 
-from .tcpproxy import TcpProxy
 from .tlsutil import Pki, make_pki
 
 

@@ -16,10 +16,10 @@ from auditpipe.broker import EmbeddedBroker
 from auditpipe.dlq import H_REASON, H_STAGE, headers_dict
 from auditpipe.kafka import ensure_topics
 from auditpipe.settings import Settings
+from auditpipe.tcpproxy import TcpProxy
 
 from .conftest import wait_until
 from .kafkautil import consume, produce, run
-from .tcpproxy import TcpProxy
 from .workers import spawn_worker, stop
 
 
