@@ -20,9 +20,10 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import faust
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from auditpipe.dlq import H_REASON, dead_letter_headers
 from auditpipe.kafka import faust_broker_options
@@ -203,22 +204,19 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
         final = list(outcomes)
         pending = [i for i, o in enumerate(final) if o.kind != "drop"]
         backoff = Backoff(0.1, 5.0)
+        alone: set[int] = set()  # sent one record a request: isolating a permanent rejection
         while pending:
-            sends: list[Any] = []
-            send = app.producer.send  # the transport's producer: no per-message channel machinery
-            for i in pending:
-                o = final[i]
-                topic = kafka.events_topic if o.kind == "forward" else kafka.dlq_topic
-                try:
-                    sends.append(await send(topic, o.key, o.value, None, None, o.headers or None))
-                except Exception as exc:  # refused before sending, e.g. a record over the limit
-                    sends.append(_failed_future(exc))
+            sends, covered = await hand_over(final, pending, alone)
             results = await asyncio.gather(*sends, return_exceptions=True)
             retry, transient = [], 0
-            for i, result in zip(pending, results, strict=True):
+            for ids, result in zip(covered, results, strict=True):
                 if not isinstance(result, Exception):
                     continue
-                retry.append(i)
+                retry.extend(ids)
+                if len(ids) > 1 and is_permanent(result):
+                    alone.update(ids)  # which record? send them one by one to find out
+                    continue
+                i = ids[0]
                 replacement = _rejected(final[i], batch[i].message, result)
                 if replacement is None:
                     transient += 1
@@ -234,8 +232,79 @@ def create_app(settings: Settings, **overrides: Any) -> faust.App:
                     "%d record(s) not acknowledged by Kafka; retrying in %.2fs", transient, delay
                 )
                 await asyncio.sleep(delay)
-            pending = retry
+            pending = sorted(retry)
         return final
+
+    async def hand_over(
+        final: list[Outcome], pending: list[int], alone: set[int]
+    ) -> tuple[list[asyncio.Future[Any]], list[list[int]]]:
+        """Give the ``pending`` outcomes to aiokafka as record batches, one per topic partition
+        (the partition aiokafka's own partitioner gives the key, as ``send`` would): one future
+        per batch instead of one per record. Returns the futures and the outcome indices each
+        covers; what cannot be handed over fails its future (retried or dead-lettered)."""
+        producer = cast(Any, app.producer)._ensure_producer()  # the transport's aiokafka one
+        limit = producer._max_request_size
+        sends: list[asyncio.Future[Any]] = []
+        covered: list[list[int]] = []
+        groups: dict[tuple[str, int | None], list[int]] = {}
+        ready: set[str] = set()  # topics whose metadata aiokafka has (send() waits for it too)
+        for i in pending:
+            o = final[i]
+            topic = kafka.events_topic if o.kind == "forward" else kafka.dlq_topic
+            part: int | None = None
+            if i not in alone and estimate_size_in_bytes(o.key, o.value, o.headers) > limit:
+                alone.add(i)  # send() refuses it for its size, as the broker would
+            if i not in alone:
+                try:
+                    if topic not in ready:
+                        await producer.partitions_for(topic)
+                        ready.add(topic)
+                    part = producer._partition(topic, None, o.key, o.value, o.key, o.value)
+                except Exception as exc:
+                    sends.append(_failed_future(exc))
+                    covered.append([i])
+                    continue
+            groups.setdefault((topic, part), []).append(i)
+        for (topic, part), ids in groups.items():
+            if part is None:  # one request a record
+                for i in ids:
+                    o = final[i]
+                    try:
+                        sends.append(await producer.send(topic, o.value, key=o.key,
+                                                         headers=o.headers or None))  # fmt: skip
+                    except Exception as exc:  # refused before sending, e.g. over the limit
+                        sends.append(_failed_future(exc))
+                    covered.append([i])
+                continue
+            start = 0
+            while start < len(ids):
+                builder = producer.create_batch()
+                end = start
+                while end < len(ids):
+                    o = final[ids[end]]
+                    headers = o.headers or []
+                    if builder.append(key=o.key, value=o.value, timestamp=None,
+                                      headers=headers) is None:  # fmt: skip
+                        break
+                    end += 1
+                if end == start:  # a record larger than a batch: aiokafka sizes (or refuses) it
+                    alone.add(ids[start])
+                    o = final[ids[start]]
+                    try:
+                        sends.append(await producer.send(topic, o.value, key=o.key,
+                                                         headers=o.headers or None))  # fmt: skip
+                    except Exception as exc:
+                        sends.append(_failed_future(exc))
+                    covered.append([ids[start]])
+                    start += 1
+                    continue
+                try:
+                    sends.append(await producer.send_batch(builder, topic, partition=part))
+                except Exception as exc:
+                    sends.append(_failed_future(exc))
+                covered.append(ids[start:end])
+                start = end
+        return sends, covered
 
     async def deliver_and_ack(
         stream: faust.StreamT[bytes], batch: list[Any], outcomes: list[Outcome]
@@ -410,6 +479,9 @@ def _exit_unacked(exc: BaseException | None = None) -> None:
 def _exit_if_failed(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         _exit_unacked(exc)
+
+
+estimate_size_in_bytes = DefaultRecordBatchBuilder.estimate_size_in_bytes
 
 
 class WorkerStats:
