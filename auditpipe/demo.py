@@ -10,16 +10,21 @@ the first tool (``finish_reason: "tool_calls"``, arguments ``{"text": ...}``), s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from auditpipe.producer import AuditProducer
 
 MODELS = ("demo-echo-1", "demo-echo-large")
 
@@ -181,3 +186,33 @@ def create_demo_app() -> Starlette:
             Route("/v1/models", list_models, methods=["GET"]),
         ]
     )
+
+
+@contextlib.asynccontextmanager
+async def serving_demo(
+    producer: AuditProducer, host: str = "127.0.0.1", port: int = 0, name: str = "demo-server"
+) -> AsyncIterator[int]:
+    """Serve the demo app wrapped in ``AuditMiddleware(producer)`` with uvicorn (its logging
+    routed through auditpipe's, no access log); yields the bound port once the server accepts
+    connections, and stops it on exit. Used by ``dev``, ``demo`` and ``soak``."""
+    import uvicorn
+
+    from auditpipe.producer import AuditMiddleware
+
+    config = uvicorn.Config(
+        AuditMiddleware(create_demo_app(), producer),
+        host=host, port=port, log_config=None, access_log=False, lifespan="off",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(), name=name)
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError(f"{name} exited during start-up")
+            await asyncio.sleep(0.01)
+        yield server.servers[0].sockets[0].getsockname()[1] if server.servers else port
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 5)

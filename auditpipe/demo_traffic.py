@@ -9,7 +9,6 @@ Events go where ``[producer]`` says (``[kafka] raw_topic``, or stdout with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import sys
 from dataclasses import dataclass
@@ -32,55 +31,41 @@ def progress(message: str) -> None:
 
 async def run_demo(settings: Settings, options: DemoOptions) -> int:
     """Serve the demo app with AuditMiddleware; send traffic; flush the producer; return."""
-    import uvicorn
+    from auditpipe.producer import AuditProducer
 
-    from auditpipe.producer import AuditMiddleware, AuditProducer
-
-    from .demo import create_demo_app
-    from .dev import DevOptions, _traffic
+    from .demo import serving_demo
 
     producer = AuditProducer(settings).start()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            AuditMiddleware(create_demo_app(), producer),
-            host=options.host,
-            port=options.port,
-            log_level="warning",
-            lifespan="off",
-        )
-    )
-    server_task = asyncio.create_task(server.serve(), name="demo-server")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        while not server.started:
-            if server_task.done():
-                server_task.result()
-                raise RuntimeError("demo server exited during start-up")
-            await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else options.port
-        progress(f"demo server on http://{options.host}:{port}/v1 with the audit hook")
-        if options.requests == 0:
-            await stop.wait()
-            return 0
-        traffic = DevOptions(
-            sink="-",
-            requests=options.requests,
-            timeout_secs=0,
-            concurrency=options.concurrency,
-            port=port,
-            rate_per_sec=options.rate_per_sec,
-            config_path=None,
-            origin="demo",
-        )
-        await _traffic(port, traffic, stop)
-        return 130 if stop.is_set() else 0
+        async with serving_demo(producer, options.host, options.port) as port:
+            progress(f"demo server on http://{options.host}:{port}/v1 with the audit hook")
+            return await _send(port, options, stop)
     finally:
         await producer.astop()
         stats = producer.stats()
         progress(f"producer: emitted={stats['emitted']} sent={stats['sent']}")
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server_task, 5)
+
+
+async def _send(port: int, options: DemoOptions, stop: asyncio.Event) -> int:
+    """Traffic to the demo server (none: wait for a signal); 130 when interrupted."""
+    from .dev import DevOptions, _traffic
+
+    if options.requests == 0:
+        await stop.wait()
+        return 0
+    traffic = DevOptions(
+        sink="-",
+        requests=options.requests,
+        timeout_secs=0,
+        concurrency=options.concurrency,
+        port=port,
+        rate_per_sec=options.rate_per_sec,
+        config_path=None,
+        origin="demo",
+    )
+    await _traffic(port, traffic, stop)
+    return 130 if stop.is_set() else 0

@@ -159,12 +159,10 @@ async def _run_with_worker(
     worker: subprocess.Popen[bytes],
     started: float,
 ) -> int:
-    import uvicorn
-
-    from auditpipe.producer import AuditMiddleware, AuditProducer
+    from auditpipe.producer import AuditProducer
     from auditpipe.sinks.runner import SinkRunner
 
-    from .demo import create_demo_app
+    from .demo import serving_demo
 
     delivered: Counter[str] = Counter()
 
@@ -176,56 +174,39 @@ async def _run_with_worker(
     runner_task = asyncio.create_task(runner.run(), name="sink-runner")
     producer = AuditProducer(settings).start()
     port = options.port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            AuditMiddleware(create_demo_app(), producer),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-        )
-    )
-    server_task = asyncio.create_task(server.serve(), name="demo-server")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        while not server.started:
-            if server_task.done():
-                server_task.result()
-                raise RuntimeError("demo server exited during start-up")
-            await asyncio.sleep(0.01)
-        progress(f"demo server on http://127.0.0.1:{port}/v1 with the audit hook; sink {sink.name}")
-        sent = await _traffic(port, options, stop)
-        if options.requests is None:
-            return 130 if stop.is_set() else 0
-        ok = await _wait_delivered(sent, delivered, options, worker, runner_task, stop)
-        elapsed = time.monotonic() - started
-        stats = producer.stats()
-        missing = [rid for rid in sent if delivered[rid] == 0]
-        progress(
-            f"summary: sent={len(sent)} captured={stats['emitted']} "
-            f"produced={stats['sent']} delivered={len(sent) - len(missing)} "
-            f"duplicates={sum(delivered.values()) - len(delivered)} time={elapsed:.1f}s"
-        )
-        if ok:
-            return 0
-        progress(f"FAILED: {len(missing)} of {len(sent)} events did not reach the sink")
-        progress(f"  producer: {stats}")
-        progress(f"  sink runner: {runner.snapshot()}")
-        if worker.poll() is not None:
-            progress(f"  the processor worker exited with code {worker.returncode}")
-        return 1
+        async with serving_demo(producer, "127.0.0.1", port) as port:
+            progress(f"demo server on http://127.0.0.1:{port}/v1 with the audit hook; "
+                     f"sink {sink.name}")  # fmt: skip
+            sent = await _traffic(port, options, stop)
+            if options.requests is None:
+                return 130 if stop.is_set() else 0
+            ok = await _wait_delivered(sent, delivered, options, worker, runner_task, stop)
+            elapsed = time.monotonic() - started
+            stats = producer.stats()
+            missing = [rid for rid in sent if delivered[rid] == 0]
+            progress(
+                f"summary: sent={len(sent)} captured={stats['emitted']} "
+                f"produced={stats['sent']} delivered={len(sent) - len(missing)} "
+                f"duplicates={sum(delivered.values()) - len(delivered)} time={elapsed:.1f}s"
+            )
+            if ok:
+                return 0
+            progress(f"FAILED: {len(missing)} of {len(sent)} events did not reach the sink")
+            progress(f"  producer: {stats}")
+            progress(f"  sink runner: {runner.snapshot()}")
+            if worker.poll() is not None:
+                progress(f"  the processor worker exited with code {worker.returncode}")
+            return 1
     finally:
         await producer.astop()
         runner.stop()
-        server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(runner_task, 15)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server_task, 5)
 
 
 async def _traffic(port: int, options: DevOptions, stop: asyncio.Event) -> list[str]:

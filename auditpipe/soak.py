@@ -662,63 +662,48 @@ class Soak:
             return await self._run_traffic()
 
     async def _run_traffic(self) -> dict[str, Any]:
-        import uvicorn
+        from auditpipe.producer import AuditProducer
 
-        from auditpipe.producer import AuditMiddleware, AuditProducer
+        from .demo import serving_demo
 
-        from .demo import create_demo_app
-
-        o = self.options
         self.producer = AuditProducer(self.settings, spool_write_fn=self.disk.write).start()
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                AuditMiddleware(create_demo_app(), self.producer),
-                host="127.0.0.1",
-                port=port,
-                log_level="warning",
-                lifespan="off",
-            )
-        )
-        server_task = asyncio.create_task(server.serve(), name="soak-demo-server")
         try:
-            while not server.started:
-                if server_task.done():
-                    server_task.result()
-                    raise RuntimeError("the demo server exited during start-up")
-                await asyncio.sleep(0.01)
-            progress(
-                f"traffic: {o.rate:g} req/s for {o.seconds:g}s to http://127.0.0.1:{port}/v1; "
-                f"faults: {', '.join(o.faults) or 'none'} every {o.fault_every:g}s "
-                f"for {o.fault_secs:g}s"
-            )
-            self.t0 = time.monotonic()
-            poller = asyncio.create_task(self._poll_store(), name="soak-store-poller")
-            faults = asyncio.create_task(self._faults(), name="soak-faults")
-            reporter = asyncio.create_task(self._report(), name="soak-progress")
-            try:
-                await self._traffic(port)
-                await faults
-            finally:
-                faults.cancel()
-                reporter.cancel()
-                with contextlib.suppress(BaseException):
-                    await faults
-                await self._end_faults()
-            progress(f"traffic done after {self.now():.1f}s: {len(self.sent)} requests; draining")
-            await asyncio.to_thread(self.producer.flush, 30.0)
-            dlq = await self._drain()
-            poller.cancel()
-            with contextlib.suppress(BaseException):
-                await poller
-            if o.before_count is not None:
-                o.before_count(self.store)
-            return await self._account(dlq)
+            async with serving_demo(
+                self.producer, "127.0.0.1", free_port(), "soak-demo-server"
+            ) as port:
+                return await self._traffic_and_account(port)
         finally:
             await self.producer.astop()
-            server.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server_task, 5)
+
+    async def _traffic_and_account(self, port: int) -> dict[str, Any]:
+        o = self.options
+        progress(
+            f"traffic: {o.rate:g} req/s for {o.seconds:g}s to http://127.0.0.1:{port}/v1; "
+            f"faults: {', '.join(o.faults) or 'none'} every {o.fault_every:g}s "
+            f"for {o.fault_secs:g}s"
+        )
+        self.t0 = time.monotonic()
+        poller = asyncio.create_task(self._poll_store(), name="soak-store-poller")
+        faults = asyncio.create_task(self._faults(), name="soak-faults")
+        reporter = asyncio.create_task(self._report(), name="soak-progress")
+        try:
+            await self._traffic(port)
+            await faults
+        finally:
+            faults.cancel()
+            reporter.cancel()
+            with contextlib.suppress(BaseException):
+                await faults
+            await self._end_faults()
+        progress(f"traffic done after {self.now():.1f}s: {len(self.sent)} requests; draining")
+        await asyncio.to_thread(self.producer.flush, 30.0)
+        dlq = await self._drain()
+        poller.cancel()
+        with contextlib.suppress(BaseException):
+            await poller
+        if o.before_count is not None:
+            o.before_count(self.store)
+        return await self._account(dlq)
 
     # traffic --------------------------------------------------------------------------------
 
