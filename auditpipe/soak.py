@@ -66,9 +66,10 @@ from pathlib import Path
 from typing import Any
 
 from .broker import EmbeddedBroker, free_port, popen_child, tune_for_embedded_broker
+from .dev import stop_process
 from .errors import ConfigError
-from .kafka import ensure_topics
-from .settings import Settings, load_settings
+from .kafka import client_kwargs, ensure_topics
+from .settings import KafkaSettings, Settings, load_settings
 from .tcpproxy import TcpProxy
 
 FAULT_KINDS = ("broker", "processor", "sink", "store", "disk")
@@ -197,14 +198,7 @@ class Child:
         proc = self.proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_secs)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return stop_process(proc, timeout_secs)
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -349,26 +343,26 @@ def soak_id_of(event: dict[str, Any], prefix: str) -> str | None:
     return sid if isinstance(sid, str) and sid.startswith(prefix) else None
 
 
-async def read_dlq(settings: Settings, prefix: str, timeout_secs: float = 20.0) -> dict[str, str]:
-    """Soak ids in the DLQ topic (from its start), with ``stage/reason`` of each."""
+async def read_topic(
+    kafka: KafkaSettings, topic: str, group_id: str | None = None, timeout_secs: float = 20.0
+) -> tuple[list[tuple[int, Any]], dict[int, int | None], dict[int, int]]:
+    """Every record of ``topic`` from its start to the end offsets seen when reading began, as
+    ``(partition, record)``; with the offsets ``group_id`` has committed and the end offsets,
+    per partition. The client is configured like every other ([kafka] TLS/SASL included)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from auditpipe.dlq import H_REASON, H_STAGE, headers_dict
-    from auditpipe.schemas import decode
-
-    kafka = settings.kafka
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap, client_id=f"{kafka.client_id}-soak-dlq",
-        enable_auto_commit=False, auto_offset_reset="earliest", group_id=None,
+        **client_kwargs(kafka), client_id=f"{kafka.client_id}-soak-read",
+        enable_auto_commit=False, group_id=group_id,
     )  # fmt: skip
-    found: dict[str, str] = {}
+    records: list[tuple[int, Any]] = []
     await consumer.start()
     try:
         await consumer.topics()  # fetches the metadata
-        parts = consumer.partitions_for_topic(kafka.dlq_topic) or set()
-        tps = [TopicPartition(kafka.dlq_topic, p) for p in sorted(parts)]
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not tps:
-            return found
+            return records, {}, {}
+        committed = {tp.partition: await consumer.committed(tp) for tp in tps} if group_id else {}
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
@@ -378,19 +372,27 @@ async def read_dlq(settings: Settings, prefix: str, timeout_secs: float = 20.0) 
             if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
                 break
             batch = await consumer.getmany(*tps, timeout_ms=500)
-            for records in batch.values():
-                for rec in records:
-                    hdrs = headers_dict(list(rec.headers or ()))
-                    why = f"{hdrs.get(H_STAGE, '?')}/{hdrs.get(H_REASON, '?')}"
-                    try:
-                        event = decode(rec.value)
-                    except Exception:
-                        continue
-                    sid = soak_id_of(event, prefix)
-                    if sid is not None:
-                        found[sid] = why
+            records.extend((tp.partition, rec) for tp, recs in batch.items() for rec in recs)
+        return records, committed, {tp.partition: end for tp, end in ends.items()}
     finally:
         await consumer.stop()
+
+
+async def read_dlq(settings: Settings, prefix: str, timeout_secs: float = 20.0) -> dict[str, str]:
+    """Soak ids in the DLQ topic (from its start), with ``stage/reason`` of each."""
+    from auditpipe.dlq import H_REASON, H_STAGE, headers_dict
+    from auditpipe.schemas import decode
+
+    found: dict[str, str] = {}
+    records, _, _ = await read_topic(settings.kafka, settings.kafka.dlq_topic, None, timeout_secs)
+    for _, rec in records:
+        hdrs = headers_dict(list(rec.headers or ()))
+        try:
+            sid = soak_id_of(decode(rec.value), prefix)
+        except Exception:
+            continue
+        if sid is not None:
+            found[sid] = f"{hdrs.get(H_STAGE, '?')}/{hdrs.get(H_REASON, '?')}"
     return found
 
 
@@ -402,45 +404,22 @@ async def locate(
     consumer group (``groups``: topic -> group id) has committed for that partition. A lost
     event found in the raw topic but not the events topic was lost by the processors; one in
     the events topic, below the sink group's committed offset, by the sink."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
     from auditpipe.schemas import decode
 
     kafka = settings.kafka
     found: dict[str, dict[str, Any]] = {sid: {} for sid in sids}
     for topic in (kafka.raw_topic, kafka.events_topic):
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap, client_id=f"{kafka.client_id}-soak-locate",
-            enable_auto_commit=False, group_id=groups.get(topic),
-        )  # fmt: skip
-        await consumer.start()
-        try:
-            await consumer.topics()
-            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic)
-                                                            or ())]  # fmt: skip
-            committed = {tp: await consumer.committed(tp) for tp in tps}
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            deadline = time.monotonic() + timeout_secs
-            while time.monotonic() < deadline:
-                positions = [await consumer.position(tp) for tp in tps]
-                if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
-                    break
-                batch = await consumer.getmany(*tps, timeout_ms=500)
-                for tp, records in batch.items():
-                    for rec in records:
-                        try:
-                            sid = soak_id_of(decode(rec.value), "")
-                        except Exception:
-                            continue
-                        if sid in found:
-                            found[sid][topic] = {
-                                "partition": tp.partition, "offset": rec.offset,
-                                "committed": committed.get(tp), "end": ends[tp],
-                            }  # fmt: skip
-        finally:
-            await consumer.stop()
+        records, committed, ends = await read_topic(kafka, topic, groups.get(topic), timeout_secs)
+        for partition, rec in records:
+            try:
+                sid = soak_id_of(decode(rec.value), "")
+            except Exception:
+                continue
+            if sid in found:
+                found[sid][topic] = {
+                    "partition": partition, "offset": rec.offset,
+                    "committed": committed.get(partition), "end": ends[partition],
+                }  # fmt: skip
     return found
 
 
