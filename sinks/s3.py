@@ -238,17 +238,7 @@ class S3Sink(Sink[S3Config]):
     async def _put(self, key: str, body: bytes, content_type: str) -> None:
         assert self._sem is not None
         c = self.config
-        args: dict[str, Any] = {
-            "Bucket": c.bucket, "Key": key, "Body": body, "ContentType": content_type,
-        }  # fmt: skip
-        if c.sse:
-            args["ServerSideEncryption"] = c.sse
-            if c.sse_kms_key_id:
-                args["SSEKMSKeyId"] = c.sse_kms_key_id
-        if c.object_lock_mode and c.object_lock_retention_days:
-            until = dt.datetime.now(dt.UTC) + dt.timedelta(days=c.object_lock_retention_days)
-            args["ObjectLockMode"] = c.object_lock_mode
-            args["ObjectLockRetainUntilDate"] = until
+        args = self._put_args(key, body, content_type)
         async with self._sem:
             try:
                 await asyncio.wait_for(
@@ -344,7 +334,11 @@ class S3Sink(Sink[S3Config]):
             version = got.get("VersionId")
             try:
                 if kept:
-                    args = self._put_args(key, self._encode(key, body, kept), got)
+                    args = self._put_args(
+                        key,
+                        self._encode(key, body, kept),
+                        got.get("ContentType") or "application/octet-stream",
+                    )
                     args["IfMatch"] = got["ETag"]
                     client.put_object(**args)
                 else:
@@ -371,11 +365,12 @@ class S3Sink(Sink[S3Config]):
         ids = envelope_key_ids(event)
         return bool(ids) and all(gone(i) for i in sorted(ids or ()))
 
-    def _put_args(self, key: str, body: bytes, got: dict[str, Any]) -> dict[str, Any]:
+    def _put_args(self, key: str, body: bytes, content_type: str) -> dict[str, Any]:
+        """put_object's arguments for ``key``: the sink's encryption and Object Lock settings
+        (for new objects and for objects an erasure rewrites alike)."""
         c = self.config
         args: dict[str, Any] = {
-            "Bucket": c.bucket, "Key": key, "Body": body,
-            "ContentType": got.get("ContentType") or "application/octet-stream",
+            "Bucket": c.bucket, "Key": key, "Body": body, "ContentType": content_type,
         }  # fmt: skip
         if c.sse:
             args["ServerSideEncryption"] = c.sse
