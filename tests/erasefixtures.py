@@ -23,7 +23,7 @@ import fastavro
 import orjson
 import psycopg
 from auditpipe.schemas import Event, new_event
-from auditpipe.sinks import Batch
+from auditpipe.sinks import Batch, Sink
 from auditpipe.sinks.file import FileSink
 from auditpipe.sinks.mongodb import MongoSink
 from auditpipe.sinks.postgres import TABLES, PostgresSink
@@ -62,18 +62,18 @@ def population(n: int = 60, base_ms: int = BASE_MS, step_ms: int = 600_000) -> l
     return out
 
 
-class FileHarness:
-    name = "file"
+class Harness:
+    """A store under test: ``config`` builds its sink; ``load`` writes events through it in
+    batches of ``chunk`` (0: one batch), as the runner would."""
 
-    def __init__(self, tmp: Path, **extra: Any) -> None:
-        self.dir = tmp / f"files-{uuid.uuid4().hex[:6]}"
-        self.config = {
-            "path": str(self.dir / "audit.jsonl"), "max_bytes": 6000, "backups": 1000, **extra,
-        }  # fmt: skip
+    name = ""
+    sink_class: type[Sink[Any]]
+    chunk = 0
+    config: dict[str, Any]
 
-    def sink(self) -> FileSink:
-        sink = FileSink.from_mapping(self.config)
-        assert isinstance(sink, FileSink)
+    def sink(self) -> Any:
+        sink = self.sink_class.from_mapping(self.config)
+        assert isinstance(sink, self.sink_class)
         return sink
 
     def load(self, events: list[Event]) -> None:
@@ -81,12 +81,26 @@ class FileHarness:
             sink = self.sink()
             await sink.start()
             try:
-                for i in range(0, len(events), 4):
-                    await sink.write(events[i : i + 4])
+                step = self.chunk or max(len(events), 1)
+                for i in range(0, len(events), step):
+                    chunk = events[i : i + step]
+                    await sink.write(Batch(chunk, "audit.events", 0, range(i, i + len(chunk))))
             finally:
                 await sink.stop()
 
         asyncio.run(run())
+
+
+class FileHarness(Harness):
+    sink_class = FileSink
+    chunk = 4
+    name = "file"
+
+    def __init__(self, tmp: Path, **extra: Any) -> None:
+        self.dir = tmp / f"files-{uuid.uuid4().hex[:6]}"
+        self.config = {
+            "path": str(self.dir / "audit.jsonl"), "max_bytes": 6000, "backups": 1000, **extra,
+        }  # fmt: skip
 
     def files(self) -> list[Path]:
         return self.sink().data_files()
@@ -110,31 +124,15 @@ class FileHarness:
         return out
 
 
-class S3Harness:
+class S3Harness(Harness):
+    sink_class = S3Sink
+    chunk = 5
     name = "s3"
 
     def __init__(self, moto: MotoS3, bucket: str | None = None, **extra: Any) -> None:
         self.moto = moto
         self.bucket = bucket or moto.new_bucket()
         self.config = moto.sink_config(self.bucket, **extra)
-
-    def sink(self) -> S3Sink:
-        sink = S3Sink.from_mapping(self.config)
-        assert isinstance(sink, S3Sink)
-        return sink
-
-    def load(self, events: list[Event]) -> None:
-        async def run() -> None:
-            sink = self.sink()
-            await sink.start()
-            try:
-                for i in range(0, len(events), 5):
-                    chunk = events[i : i + 5]
-                    await sink.write(Batch(chunk, "audit.events", 0, range(i, i + len(chunk))))
-            finally:
-                await sink.stop()
-
-        asyncio.run(run())
 
     def objects(self) -> dict[str, bytes]:
         client: Any = self.moto.client()
@@ -171,29 +169,15 @@ class S3Harness:
         return out
 
 
-class PgHarness:
+class PgHarness(Harness):
+    sink_class = PostgresSink
+    chunk = 0
     name = "postgres"
 
     def __init__(self, dsn: str, **extra: Any) -> None:
         self.dsn = dsn
         self.schema = f"e_{uuid.uuid4().hex[:10]}"
         self.config = {"dsn": dsn, "schema_name": self.schema, "auto_migrate": True, **extra}
-
-    def sink(self) -> PostgresSink:
-        sink = PostgresSink.from_mapping(self.config)
-        assert isinstance(sink, PostgresSink)
-        return sink
-
-    def load(self, events: list[Event]) -> None:
-        async def run() -> None:
-            sink = self.sink()
-            await sink.start()
-            try:
-                await sink.write(events)
-            finally:
-                await sink.stop()
-
-        asyncio.run(run())
 
     def snapshot(self) -> dict[str, bytes]:
         rows: dict[str, list[str]] = {}
@@ -206,28 +190,14 @@ class PgHarness:
         return {eid: "\n".join(v).encode() for eid, v in rows.items()}
 
 
-class MongoHarness:
+class MongoHarness(Harness):
+    sink_class = MongoSink
+    chunk = 0
     name = "mongodb"
 
     def __init__(self, fake: FilteringMongo, **extra: Any) -> None:
         self.fake = fake
         self.config = {"uri": fake.uri, "server_selection_timeout_secs": 5, **extra}
-
-    def sink(self) -> MongoSink:
-        sink = MongoSink.from_mapping(self.config)
-        assert isinstance(sink, MongoSink)
-        return sink
-
-    def load(self, events: list[Event]) -> None:
-        async def run() -> None:
-            sink = self.sink()
-            await sink.start()
-            try:
-                await sink.write(events)
-            finally:
-                await sink.stop()
-
-        asyncio.run(run())
 
     def snapshot(self) -> dict[str, bytes]:
         import bson
