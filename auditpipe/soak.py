@@ -549,7 +549,7 @@ class Soak:
     async def _prepare_postgres(self, stack: contextlib.ExitStack) -> None:
         """The embedded PostgreSQL (in the work directory) unless a dsn is set; a TCP proxy in
         front of a TCP server (the store fault cuts it); the schema migrated."""
-        from auditpipe.sinks import create_sink
+        from auditpipe.sinks import Migratable, create_sink
 
         table = dict(self.settings.sinks.get("postgres") or {})
         schema = table.get("schema_name", "auditpipe")
@@ -579,7 +579,8 @@ class Soak:
             update={"sinks": {**self.settings.sinks, "postgres": table}}
         )
         sink = create_sink("postgres", self.settings.sinks, self.options.origin)
-        await sink.migrate()  # type: ignore[attr-defined]
+        assert isinstance(sink, Migratable)
+        await sink.migrate()
         self.store = PostgresStore(str(dsn), schema, self.prefix)
 
     def _stop_embedded_pg(self) -> None:
